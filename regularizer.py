@@ -1,0 +1,155 @@
+"""Step-wise Variation Regularization (Smooth Diffusion, Guo et al. CVPR 2024, Sec. 3.2-3.3).
+
+The goal (Eq. 8) is that a change of the noise eps moves the model's one-step prediction x0_hat by
+a fixed multiple of sqrt(1 - abar_t) * ||d eps||, whatever eps, t and the direction of the change.
+Eq. 9 asks for this through the Jacobian J = d x0_hat / d eps: for a random unit direction u,
+
+    L_reg = E_{u, eps} ( sqrt(1 - abar_t) ||J^T u||_2 - a )^2                           # Eq. 9
+
+where a is a running mean of the norm, and the norm is one vector-Jacobian product (Eq. 10):
+
+    sqrt(1 - abar_t) ||J^T u||_2 = || grad_eps( sqrt(1 - abar_t) x0_hat . u ) ||_2      # Eq. 10
+
+It is StyleGAN2's path-length penalty with eps in the role of the latent. Because Eq. 10 is itself
+a gradient, training through it needs a double backward: run the UNet forward inside
+`attention.double_backward()`.
+
+x0_hat lives in the LATENT space (4 x 64 x 64 for SD-1.5), as in the official code. The paper speaks
+of pixel intensities; no VAE decode is involved anywhere here.
+
+A training step reads like Fig. 2(d):
+
+    noise = torch.randn_like(latents).requires_grad_()
+    x_t = abar.sqrt().view(-1, 1, 1, 1) * latents + (1 - abar).sqrt().view(-1, 1, 1, 1) * noise  # Eq. 2
+    with attention.double_backward():
+        eps_pred = unet(x_t, t, text)
+    x0_pred = predict_x0(x_t, eps_pred, abar)
+    loss = F.mse_loss(eps_pred, noise.detach()) + lam * reg(x0_pred, noise, (1 - abar).sqrt())  # Eq. 14
+
+`fd_variation_norm` is a cheaper finite-difference form of the same quantity (no double backward).
+
+Proven on analytic Jacobians, by finite differences and on the tiny UNet:
+`.venv/bin/python -m pytest -q tests/test_regularizer.py` (~10 s on CPU).
+"""
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def _per_sample(values, like):
+    """Shape a scalar or [B] tensor to broadcast against `like` ([B, C, H, W] -> [B, 1, 1, 1])."""
+    values = torch.as_tensor(values, dtype=like.dtype, device=like.device)
+    if values.ndim == 0:
+        values = values.expand(like.shape[0])
+    return values.reshape(-1, *[1] * (like.ndim - 1))
+
+
+def _norms(x):
+    """Per-sample L2 norm: [B, ...] -> [B]."""
+    return x.flatten(1).norm(dim=1)
+
+
+def predict_x0(x_t, eps_pred, alpha_bar):
+    """x0_hat = (x_t - sqrt(1 - abar) eps_pred) / sqrt(abar), i.e. Eq. 2 solved for x0.
+
+    alpha_bar: [B] (one timestep per sample) or a scalar. Keep the graph: Eq. 10 differentiates
+    this through both x_t(eps) and the UNet.
+    """
+    abar = _per_sample(alpha_bar, x_t)
+    return (x_t - (1 - abar).sqrt() * eps_pred) / abar.sqrt()
+
+
+def random_unit_direction(like, generator=None):
+    """A Gaussian direction per sample, scaled to unit length per sample (the paper's Delta x0_hat)."""
+    d = torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+    return d / _per_sample(_norms(d), d)
+
+
+def variation_norm(x0_pred, noise, sigma, direction=None):
+    """Eq. 10 per sample: || grad_noise( sigma * x0_pred . u ) ||_2 = sigma ||J^T u||_2  -> [B].
+
+    x0_pred: [B, C, H, W] latent prediction, computed (with graph) from `noise`, which must require
+             grad and be the eps that built x_t = sqrt(abar) x0 + sqrt(1 - abar) eps. The gradient
+             therefore includes the identity path through x_t as well as the UNet (as in the
+             official code).
+    sigma:   sqrt(1 - abar_t), [B] or scalar.
+    direction: u, [B, C, H, W]; default a fresh Gaussian direction per sample. It is scaled to unit
+             length per sample, as the paper says ("normalized to unit length"), so that the Eq. 11-13
+             optimum gives the same norm for every direction. The official code divides by
+             sqrt(C*H*W) instead, which is unit length only in expectation (same mean).
+
+    autograd.grad returns the gradient of the batch SUM; it is still per sample because sample b's
+    x0_pred depends on sample b's noise only: the UNet treats samples independently (GroupNorm and
+    attention are per sample; there is no BatchNorm). create_graph=True keeps the result
+    differentiable, so Eq. 9 can be trained through it.
+    """
+    if not noise.requires_grad:
+        raise ValueError("variation_norm: `noise` must require grad and be the eps that built x_t "
+                         "(noise = torch.randn_like(latents).requires_grad_()).")
+    if direction is None:
+        u = random_unit_direction(x0_pred)
+    else:
+        u = direction.detach()
+        u = u / _per_sample(_norms(u), u)
+    inner = (_per_sample(sigma, x0_pred) * x0_pred * u).sum()  # sum_b sigma_b <x0_b, u_b>
+    (grad,) = torch.autograd.grad(inner, noise, create_graph=True)  # Eq. 10: rows are sigma_b J_b^T u_b
+    return _norms(grad)
+
+
+def fd_variation_norm(x0_pred, x0_pred_shifted, h, sigma):
+    """Finite-difference form of the variation: sigma * ||x0(eps + h v) - x0(eps)||_2 / h  -> [B].
+
+    x0_pred_shifted is the prediction for the same x0, t and text with the noise moved to eps + h v,
+    v a unit vector per sample (`random_unit_direction`). Both predictions keep their graphs, so the
+    penalty trains through two ordinary forward passes and a first-order backward (fused attention
+    works, no `double_backward()`).
+
+    Why it targets the same optimum as Eq. 9. The difference quotient is J v + O(h), a Jacobian-
+    VECTOR product, where Eq. 10 takes the vector-Jacobian product J^T u. With v, u uniform on the
+    unit sphere of R^n (x0 and eps have the same shape here, so J is square):
+        E_v ||J v||^2 = tr(J^T J) / n = ||J||_F^2 / n = tr(J J^T) / n = E_u ||J^T u||^2.
+    More than the means agree: with J = U S V^T, ||J v|| = ||S V^T v|| and ||J^T u|| = ||S U^T u||,
+    and V^T v, U^T u are both uniform on the sphere, so the two norms have the same distribution.
+    Pulling either to a shared running mean a (Eq. 9) is minimised when the norm is the same for
+    every direction, i.e. all singular values are equal: J = k Q with Q orthogonal (the paper's
+    J J^T = K I with K = k^2, Eq. 11). There ||J v|| = ||J^T u|| = k for every unit v, u, and
+    ||Delta x0|| = k sqrt(1 - abar) ||Delta eps|| (Eq. 12-13, i.e. Eq. 8). What differs is only the
+    O(h) truncation error of the forward difference, and the noise of each estimator.
+    """
+    return _per_sample(sigma, x0_pred).flatten() * _norms(x0_pred_shifted - x0_pred) / h
+
+
+class StepwiseVariationRegularizer(nn.Module):
+    """Eq. 9: mean over the batch of (norm - a)^2, with a the running mean of the norms.
+
+    `a` is a buffer, so it is saved in state_dict and a resumed run keeps it (the official script
+    restarts it at 0). It starts at 0 like the official code and StyleGAN2's pl_mean; with decay 0.01
+    it reaches the norms' scale within a few hundred steps.
+    """
+
+    def __init__(self, decay=0.01):
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("a", torch.zeros((), dtype=torch.float32))
+
+    def penalty(self, norms):
+        """norms: [B] (variation_norm or fd_variation_norm) -> scalar loss. Updates `a` in training mode."""
+        if self.training:
+            with torch.no_grad():
+                batch_mean = norms.detach().float().mean()
+                if dist.is_available() and dist.is_initialized():
+                    # One a for the whole run: every rank moves it by the global batch mean.
+                    dist.all_reduce(batch_mean)
+                    batch_mean /= dist.get_world_size()
+                self.a += self.decay * (batch_mean - self.a)  # a <- a + decay (mean(norms) - a)
+        # The official code (like rosinality's StyleGAN2) uses the updated a without detaching it
+        # within the step, which sends a gradient of relative size `decay` through the mean; we
+        # detach it (a is a buffer), a negligible difference at decay 0.01.
+        return ((norms - self.a) ** 2).mean()  # Eq. 9
+
+    def forward(self, x0_pred, noise, sigma, direction=None):
+        """Eq. 9 with the Eq. 10 norm; arguments as in `variation_norm`."""
+        return self.penalty(variation_norm(x0_pred, noise, sigma, direction))
+
+    def extra_repr(self):
+        return f"decay={self.decay}"
