@@ -526,6 +526,10 @@ def build_parser():
     common.add_argument("--model", default=str(DEMO_MODEL),
                         help="diffusers model folder or single-file checkpoint (default: the toy model, "
                              "assets/toy-sd)")
+    common.add_argument("--tokenizer", default=None,
+                        help="tokenizer folder (vocab.json + merges.txt); needed for single-file checkpoints")
+    common.add_argument("--config", default=None,
+                        help="diffusers folder whose configs describe a single-file checkpoint (default: SD-1.5)")
     common.add_argument("--lora", default=None, help="Smooth Diffusion LoRA .safetensors to apply to the UNet")
     common.add_argument("--prompt", default=DEMO_PROMPT,
                         help="the prompt (for images: their caption); default %(default)r")
@@ -580,11 +584,14 @@ def _load(args):
     if not Path(args.model).exists():
         raise SystemExit(f"error: model not found: {args.model}. Pass --model PATH "
                          "(a diffusers folder or a single-file checkpoint).")
-    models = checkpoint.load_models(args.model, device=args.device)
-    if args.lora:
-        if not Path(args.lora).is_file():
-            raise SystemExit(f"error: LoRA file not found: {args.lora}")
-        lora.load_lora(models.unet, args.lora)
+    try:  # a wrong checkpoint, tokenizer or LoRA is the user's input: say what is wrong, no traceback
+        models = checkpoint.load_models(args.model, tokenizer=args.tokenizer, device=args.device, config=args.config)
+        if args.lora:
+            if not Path(args.lora).is_file():
+                raise SystemExit(f"error: LoRA file not found: {args.lora}")
+            lora.load_lora(models.unet, args.lora)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
     factor = 2 ** (len(models.vae.config.block_out_channels) - 1)  # 8 for SD-1.5
     sample_size = models.unet.config.sample_size
     size = getattr(args, "size", None) or sample_size * factor

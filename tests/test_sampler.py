@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import sampler
 from conftest import SD15_SCHEDULER
 
@@ -470,3 +471,17 @@ def test_no_arguments_runs_the_interpolation_demo_on_the_toy_model(tiny_sd, tmp_
     strip = Image.open(tmp_path / "out" / "interpolate" / "interpolation.png")
     assert strip.size == (11 * 16, 16)  # the paper's 11 frames
     assert "interpolation.gif" in capsys.readouterr().out
+
+
+def test_cli_reads_a_single_file_checkpoint_with_a_tokenizer_folder(cli, tiny_sd, tmp_path):
+    run, _ = cli
+    folder, _ = tiny_sd
+    single = tmp_path / "tiny.safetensors"
+    checkpoint.save_single_file(checkpoint.load_models(folder), single)
+    out = tmp_path / "single"
+    argv = ["generate", "--model", str(single), "--steps", "2", "--out", str(out)]
+    with pytest.raises(SystemExit, match="tokenizer"):
+        sampler.main(argv + ["--config", str(folder)])
+    assert sampler.main(argv + ["--config", str(folder), "--tokenizer", str(folder / "tokenizer")]) == 0
+    from_folder = np.asarray(Image.open(run("generate") / "sample.png"))
+    assert np.array_equal(np.asarray(Image.open(out / "sample.png")), from_folder)
