@@ -1,0 +1,307 @@
+"""Side-by-side benchmark: our models vs diffusers, and the cost of the paper's regularizer (issue 7).
+
+    python bench.py --quick                  # small configs, ~1 min on 2 CPU cores
+    python bench.py --json bench.json        # SD-1.5 configs (minutes on CPU)
+    python bench.py --device cuda            # adds bf16/fp16 and 512 px, batch 3
+
+Measured, each in a fresh subprocess (so one case's memory does not leak into the next):
+- UNet forward and VAE decode, ours and diffusers' (when installed) with the SAME random weights
+  (a seeded diffusers model's state_dict loaded into ours; the names are identical);
+- training steps with LoRA (SD-1.5 config) or all weights (a small config): plain eps-MSE, the
+  paper's regularized step (`vjp`: Eq. 9/10, double backward through `attention.DoubleBackwardAttention`),
+  the same with the old plain-ops attention (`vjp-math`), and the finite-difference form (`fd`).
+  The step mirrors train.py's `micro_step` (Eq. 2 x_t from a noise leaf, Eq. 14 loss) plus AdamW.
+
+Time is the median of repeats; memory is the peak RSS (CPU, /proc/self/status VmHWM after resetting
+it with /proc/self/clear_refs once the model is built) or torch.cuda.max_memory_allocated, and
+"extra" is that peak minus the memory held before the first step. The printed table gives ratios:
+ours/diffusers for forwards, regularized/plain for steps. Never run it alongside tests for timing.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import attention
+import lora
+import regularizer
+from unet import UNet, UNetConfig
+from vae import VAE, VAEConfig
+
+# A small UNet (3 levels, 2 attention levels) and VAE for --quick; SD-1.5 is the configs' default.
+SMALL_UNET = dict(block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=4,
+                  cross_attention_dim=64, norm_num_groups=16,
+                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+SMALL_VAE = dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
+                 down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
+FD_H = 1e-2  # train.py's default fd step, relative to the noise norm sqrt(C H W)
+
+
+def case_list(device, quick):
+    """Every measurement as a dict; `impl` "diffusers" rows are skipped when it is not installed."""
+    fwd = lambda name, model, cfg, **kw: [dict(name=name, kind=model, cfg=cfg, impl=impl, **kw)
+                                          for impl in ("ours", "diffusers")]
+    steps = lambda name, cfg, **kw: [dict(name=name, kind="step", cfg=cfg, impl="ours", mode=m, **kw)
+                                     for m in ("plain", "vjp", "vjp-math", "fd")]
+    if quick:
+        return (fwd("unet fwd small 32x32 b2", "unet", "small", side=32, batch=2, repeats=5)
+                + fwd("vae decode small 32x32 b1", "vae", "small", side=32, batch=1, repeats=5)
+                + steps("step small 16x16 b2", "small", side=16, batch=2, lora=False, repeats=5))
+    cases = (steps("step sd15+LoRA 32x32 b1", "sd15", side=32, batch=1, lora=True, repeats=2)
+             + fwd("unet fwd sd15 32x32 b2", "unet", "sd15", side=32, batch=2, repeats=3)
+             + fwd("unet fwd sd15 64x64 b2", "unet", "sd15", side=64, batch=2, repeats=2)
+             + fwd("vae decode sd15 64x64 b1", "vae", "sd15", side=64, batch=1, repeats=2)
+             + steps("step small 32x32 b2", "small", side=32, batch=2, lora=False, repeats=5))
+    if device == "cuda":
+        for dtype in ("bfloat16", "float16"):
+            cases += fwd(f"unet fwd sd15 64x64 b3 {dtype}", "unet", "sd15", side=64, batch=3, repeats=10,
+                         dtype=dtype)
+            cases += fwd(f"vae decode sd15 64x64 b3 {dtype}", "vae", "sd15", side=64, batch=3, repeats=10,
+                         dtype=dtype)
+            cases += steps(f"step sd15+LoRA 64x64 b3 {dtype}", "sd15", side=64, batch=3, lora=True,
+                           repeats=5, dtype=dtype)
+    return cases
+
+
+# ----------------------------------------------------------------------------- one measurement
+
+def memory_now(device):
+    """(current, peak) memory in MiB."""
+    if device == "cuda":
+        return torch.cuda.memory_allocated() / 2**20, torch.cuda.max_memory_allocated() / 2**20
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def reset_peak(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+
+
+def build(case, device):
+    """The model of `case`, with seeded random weights shared by ours and diffusers'."""
+    ours_cls, cfg_cls = (UNet, UNetConfig) if case["kind"] in ("unet", "step") else (VAE, VAEConfig)
+    cfg = cfg_cls(**(SMALL_UNET if ours_cls is UNet else SMALL_VAE)) if case["cfg"] == "small" else cfg_cls()
+    torch.manual_seed(0)
+    try:
+        import diffusers
+    except ImportError:
+        diffusers = None
+    if diffusers is None:
+        model = ours_cls(cfg)
+    else:
+        ref_cls = diffusers.UNet2DConditionModel if ours_cls is UNet else diffusers.AutoencoderKL
+        fields = dataclasses.asdict(cfg)
+        if ours_cls is VAE:
+            fields.pop("scaling_factor")
+        model = ref_cls(**fields)
+        if case["impl"] == "ours":
+            ref, model = model, ours_cls(cfg)
+            model.load_state_dict(ref.state_dict())
+            del ref
+    return model.to(device).eval(), cfg
+
+
+def forward_fn(case, model, cfg, device, dtype):
+    g = torch.Generator().manual_seed(1)
+    b, side = case["batch"], case["side"]
+    if case["kind"] == "vae":
+        z = torch.randn(b, cfg.latent_channels, side, side, generator=g).to(device, dtype)
+        call = (lambda: model.decode(z)) if case["impl"] == "ours" else (lambda: model.decode(z).sample)
+    else:
+        x = torch.randn(b, cfg.in_channels, side, side, generator=g).to(device, dtype)
+        text = torch.randn(b, 77, cfg.cross_attention_dim, generator=g).to(device, dtype)
+        t = torch.randint(0, 1000, (b,), generator=g).to(device)
+        call = (lambda: model(x, t, text)) if case["impl"] == "ours" else (lambda: model(x, t, text).sample)
+
+    def run():
+        with torch.no_grad():
+            return call()
+    return run
+
+
+class MathAttention:
+    """Stands in for DoubleBackwardAttention: the plain-ops path, to measure what the new one saves."""
+
+    @staticmethod
+    def apply(q, k, v, chunk):
+        return attention.math_attention(q, k, v)
+
+
+def step_fn(case, unet, cfg, device, dtype):
+    """One training step: Eq. 2, the eps-MSE of Eq. 14 plus the mode's regularizer, AdamW."""
+    if case["lora"]:
+        params = lora.inject_lora(unet, rank=8)
+        lora.freeze_all_but_lora(unet)
+        unet.to(device)
+    else:
+        params = list(unet.parameters())
+    unet.train()
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    reg = regularizer.StepwiseVariationRegularizer().to(device)
+    if case["mode"] == "vjp-math":
+        attention.DoubleBackwardAttention = MathAttention
+    g = torch.Generator().manual_seed(1)
+    b, side = case["batch"], case["side"]
+    shape = (b, cfg.in_channels, side, side)
+    latents, noise, direction = (torch.randn(shape, generator=g).to(device) for _ in range(3))
+    text = torch.randn(b, 77, cfg.cross_attention_dim, generator=g).to(device)
+    t = torch.randint(0, 1000, (b,), generator=g).to(device)
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2  # SD's scaled-linear schedule
+    abar = torch.cumprod(1 - betas, 0).to(device)[t]
+    a4 = abar.view(-1, 1, 1, 1)
+    sigma = (1 - abar).sqrt()
+    autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        mode = case["mode"]
+        if mode == "plain":
+            with autocast:
+                eps = unet(a4.sqrt() * latents + (1 - a4).sqrt() * noise, t, text).float()
+            loss = F.mse_loss(eps, noise)
+        elif mode in ("vjp", "vjp-math"):
+            noise_leaf = noise.clone().requires_grad_()  # the leaf of Eq. 10
+            x_t = a4.sqrt() * latents + (1 - a4).sqrt() * noise_leaf  # Eq. 2
+            with attention.double_backward(), autocast:
+                eps = unet(x_t, t, text).float()
+            x0 = regularizer.predict_x0(x_t, eps, abar)
+            norms = regularizer.variation_norm(x0, noise_leaf, sigma, direction)  # Eq. 10
+            loss = F.mse_loss(eps, noise) + reg.penalty(norms)  # Eq. 14 with Eq. 9, lambda = 1
+        else:  # fd: x_t and x_t(eps + h v) in one batched forward
+            h = FD_H * math.sqrt(noise[0].numel())
+            v = direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            x_t = a4.sqrt() * latents + (1 - a4).sqrt() * noise  # Eq. 2
+            x_shift = a4.sqrt() * latents + (1 - a4).sqrt() * (noise + h * v)
+            with autocast:
+                eps_all = unet(torch.cat([x_t, x_shift]), torch.cat([t, t]), torch.cat([text, text])).float()
+            x0 = regularizer.predict_x0(x_t, eps_all[:b], abar)
+            x0_shift = regularizer.predict_x0(x_shift, eps_all[b:], abar)
+            norms = regularizer.fd_variation_norm(x0, x0_shift, h, sigma)
+            loss = F.mse_loss(eps_all[:b], noise) + reg.penalty(norms)
+        loss.backward()
+        opt.step()
+    return run
+
+
+def measure(case, device):
+    """Run one case in this process -> dict with time (s, median) and memory (MiB)."""
+    torch.manual_seed(0)
+    dtype = getattr(torch, case.get("dtype", "float32"))
+    model, cfg = build(case, device)
+    if case["kind"] == "step":
+        run = step_fn(case, model, cfg, device, dtype)
+    else:
+        model.to(dtype)
+        run = forward_fn(case, model, cfg, device, dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    run()  # warm-up (and AdamW state allocation)
+    sync()
+    base, _ = memory_now(device)
+    reset_peak(device)
+    times = []
+    for _ in range(case["repeats"]):
+        start = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - start)
+    _, peak = memory_now(device)
+    return dict(case, time_s=statistics.median(times), times_s=times, peak_mb=peak, extra_mb=peak - base,
+                base_mb=base, threads=torch.get_num_threads())
+
+
+# ----------------------------------------------------------------------------- driver
+
+def run_case(case, device):
+    """One case in a fresh interpreter; None if it failed (the error is printed)."""
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", json.dumps(case),
+                           "--device", device, "--threads", str(torch.get_num_threads())],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"  {case['name']} [{case['impl']} {case.get('mode', '')}] failed:\n{proc.stderr[-2000:]}")
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def ratios(results):
+    """Rows of the summary table: ours/diffusers for forwards, mode/plain for steps."""
+    by = {(r["name"], r["impl"], r.get("mode")): r for r in results}
+    rows = []
+    for (name, impl, mode), r in by.items():
+        if r["kind"] != "step" and impl == "ours":
+            ref = by.get((name, "diffusers", None))
+            rows.append(dict(case=name, what="ours / diffusers", time_s=r["time_s"],
+                             time_ratio=ref and r["time_s"] / ref["time_s"],
+                             peak_mb=r["peak_mb"], mem_ratio=ref and r["peak_mb"] / ref["peak_mb"]))
+        elif r["kind"] == "step" and mode != "plain":
+            plain = by.get((name, impl, "plain"))
+            rows.append(dict(case=name, what=f"{mode} / plain", time_s=r["time_s"],
+                             time_ratio=plain and r["time_s"] / plain["time_s"], peak_mb=r["peak_mb"],
+                             mem_ratio=plain and r["extra_mb"] / max(plain["extra_mb"], 1e-9)))
+    return rows
+
+
+def print_table(rows):
+    fmt = lambda x, spec: "-" if x is None else format(x, spec)
+    print(f"\n{'case':34} {'ratio':18} {'time s':>8} {'time x':>7} {'peak MiB':>9} {'mem x':>6}")
+    for r in rows:
+        print(f"{r['case']:34} {r['what']:18} {r['time_s']:8.3f} {fmt(r['time_ratio'], '7.3f')} "
+              f"{r['peak_mb']:9.0f} {fmt(r['mem_ratio'], '6.2f')}")
+    print("mem x: peak RSS ratio for forwards; EXTRA peak (peak - memory before the step) ratio for steps.")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small configs only (~1 min on 2 CPU cores)")
+    p.add_argument("--json", help="write all measurements and the ratio table to this file")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--only", help="run only cases whose name contains this text")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); 1 is steadier on a "
+                   "shared machine, where idle-spinning OpenMP threads slow small ops many-fold")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one case as JSON, in this process
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench.py: --device cuda but torch.cuda.is_available() is False; use --device cpu.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.one:
+        print(json.dumps(measure(json.loads(args.one), args.device)))
+        return
+    try:
+        import diffusers  # noqa: F401  (test/bench-only oracle)
+        have_diffusers = True
+    except ImportError:
+        have_diffusers = False
+        print("diffusers not installed: measuring ours alone.")
+    cases = [c for c in case_list(args.device, args.quick)
+             if (have_diffusers or c["impl"] != "diffusers") and (not args.only or args.only in c["name"])]
+    results = []
+    for case in cases:
+        r = run_case(case, args.device)
+        if r is not None:
+            results.append(r)
+            print(f"  {r['name']:34} {r['impl']:9} {r.get('mode', ''):8} {r['time_s']:8.3f} s "
+                  f"peak {r['peak_mb']:7.0f} MiB extra {r['extra_mb']:7.0f} MiB", flush=True)
+    rows = ratios(results)
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=args.device, torch=torch.__version__, threads=torch.get_num_threads(),
+                           results=results, ratios=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

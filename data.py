@@ -1,0 +1,154 @@
+"""Captioned image data for `train.py`: a folder of images with same-stem .txt captions, or a JSONL file.
+
+Two layouts are read:
+  * a folder: `cat.png` + `cat.txt` (one caption per image, searched recursively);
+  * a JSONL file, one `{"image": path, "text": caption}` per line (the kind of annotation the official
+    code trains on with LAION-Aesthetics 6.5+); relative paths are taken from the JSONL's folder.
+
+Images are converted to RGB, the shorter side resized to the resolution, centre cropped (the official
+script crops at random; a centre crop keeps a sample a pure function of its index, which exact resume
+and world-size independence rely on) and scaled to [-1, 1].
+
+A file that cannot be decoded is skipped, never a crash: the item is replaced by the next readable
+index (deterministically, so every rank and every resumed run sees the same substitute) and the
+skipped path is returned with the item so that the training script can count and log it. Problems
+that would make the whole run meaningless (no data, a missing caption, a missing image file) raise
+`ValueError` when the dataset is built, before any training.
+
+`stream_keys` is the sampler: one global, seeded order over all samples, shared by every rank.
+"""
+import json
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+DATA_ORDER, SAMPLE_STREAM = 0, 1  # tags that keep the two uses of the seed independent
+
+
+def derive_seed(*numbers):
+    """A 64-bit generator seed from a tuple of non-negative ints, well mixed (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence(numbers).generate_state(1, np.uint64)[0])
+
+
+def _folder_items(folder):
+    items = []
+    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+        caption = path.with_suffix(".txt")
+        if not caption.exists():
+            raise ValueError(f"{path} has no caption file {caption.name}: write the caption there, "
+                             "or move the image out of the data folder.")
+        items.append((str(path), caption.read_text(encoding="utf-8").strip()))
+    return items
+
+
+def _jsonl_items(jsonl):
+    items, missing = [], []
+    for n, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            image, text = record["image"], record["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{jsonl}:{n}: expected a JSON object with keys \"image\" and \"text\" "
+                             f"({e!r}).") from None
+        path = Path(image) if Path(image).is_absolute() else jsonl.parent / image
+        (items if path.exists() else missing).append((str(path), str(text)))
+    if missing:
+        raise ValueError(f"{jsonl}: {len(missing)} of {len(items) + len(missing)} images do not exist, "
+                         f"e.g. {missing[0][0]}. Relative paths are read from the JSONL's folder; fix "
+                         "the paths or drop those lines.")
+    return items
+
+
+def list_items(path):
+    """[(image path, caption)] from a folder or a .jsonl file, checked for missing files and captions."""
+    path = Path(path)
+    if path.is_dir():
+        items = _folder_items(path)
+    elif path.is_file() and path.suffix == ".jsonl":
+        items = _jsonl_items(path)
+    else:
+        raise ValueError(f"--data {path}: expected a folder of images with .txt captions or a .jsonl "
+                         "file, but it " + ("does not exist." if not path.exists() else "is neither."))
+    if not items:
+        raise ValueError(f"--data {path}: no images found (extensions {sorted(IMAGE_EXTENSIONS)}).")
+    return items
+
+
+def load_image(path, resolution):
+    """RGB, shorter side resized to `resolution`, centre crop -> [3, res, res] float in [-1, 1]."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+    scale = resolution / min(im.size)
+    w, h = max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))
+    im = im.resize((w, h), Image.BICUBIC)
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    im = im.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3, H, W]
+    return pixels.float() / 127.5 - 1.0
+
+
+class CaptionDataset(torch.utils.data.Dataset):
+    """Indexed by `(index, key)` pairs from `stream_keys`; returns a dict with pixels, caption, key."""
+
+    def __init__(self, path, resolution):
+        self.items = list_items(path)
+        self.resolution = resolution
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index_key):
+        index, key = index_key
+        skipped = []
+        for i in range(len(self.items)):  # the next readable item replaces an unreadable one
+            path, caption = self.items[(index + i) % len(self.items)]
+            try:
+                pixels = load_image(path, self.resolution)
+            except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+                skipped.append(path)
+                continue
+            return {"pixels": pixels, "caption": caption, "key": key, "skipped": skipped}
+        raise RuntimeError(f"none of the {len(self.items)} images could be read, e.g. {skipped[0]}.")
+
+
+def ignore_stop_signals(worker_id):
+    """worker_init_fn: SIGTERM / Ctrl-C are for the training process, which saves, then ends the workers."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def collate(samples):
+    return {
+        "pixels": torch.stack([s["pixels"] for s in samples]),
+        "captions": [s["caption"] for s in samples],
+        "keys": torch.tensor([s["key"] for s in samples], dtype=torch.long),
+        "skipped": [p for s in samples for p in s["skipped"]],
+    }
+
+
+def stream_keys(num_items, seed, start, rank, world_size, batch_size):
+    """Yield (index, key) for this rank, forever, from global sample position `start`.
+
+    The global stream is the concatenation of seeded permutations of all items, one per epoch; the
+    key of a sample is its position in that stream. Each global micro-batch is `world_size *
+    batch_size` consecutive positions, and rank r takes the slice [r * batch_size, (r + 1) *
+    batch_size). So which image a sample is, and its key (which seeds its noise), depend only on the
+    seed and the position: the same for any world size with the same global batch.
+    """
+    epoch, perm = -1, None
+    position = start
+    while True:
+        for j in range(batch_size):
+            key = position + rank * batch_size + j
+            if key // num_items != epoch:
+                epoch = key // num_items
+                g = torch.Generator().manual_seed(derive_seed(seed, DATA_ORDER, epoch))
+                perm = torch.randperm(num_items, generator=g)
+            yield int(perm[key % num_items]), key
+        position += world_size * batch_size

@@ -1,0 +1,137 @@
+"""attention.py: the double-backward path has the math path's first and second derivatives.
+
+Tiny float64 shapes; gradcheck / gradgradcheck compare against finite differences, the other tests
+against `math_attention` differentiated by autograd (the oracle).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck, gradgradcheck
+
+import attention
+from attention import AttentionBackward, DoubleBackwardAttention, math_attention
+
+
+def qkv(b=1, heads=2, lq=5, lk=5, d=3, dv=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_()
+    return make(b, heads, lq, d), make(b, heads, lk, d), make(b, heads, lk, dv or d)
+
+
+def first_and_second(fn, q, k, v, seed=1):
+    """Gradient of <fn(q,k,v), w> (create_graph) and the gradient of a function of that gradient."""
+    g = torch.Generator().manual_seed(seed)
+    out = fn(q, k, v)
+    w = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v), create_graph=True)
+    u = [torch.randn(x.shape, generator=g, dtype=x.dtype) for x in grads]
+    # A nonlinear function of the first derivative, like Eq. 10's norm of a vjp.
+    second_loss = sum(((x * ui).sum()) ** 2 for x, ui in zip(grads, u)) + (out ** 2).sum()
+    second = torch.autograd.grad(second_loss, (q, k, v))
+    return out, grads, second
+
+
+@pytest.mark.parametrize("lq,lk,d,dv,chunk", [(5, 5, 3, 3, 2), (4, 7, 3, 5, 3), (6, 3, 2, 2, 100)])
+def test_gradcheck_and_gradgradcheck_of_the_function(lq, lk, d, dv, chunk):
+    q, k, v = qkv(lq=lq, lk=lk, d=d, dv=dv)
+    fn = lambda q, k, v: DoubleBackwardAttention.apply(q, k, v, chunk)
+    assert gradcheck(fn, (q, k, v))
+    assert gradgradcheck(fn, (q, k, v))
+
+
+def test_gradgradcheck_of_the_backward_with_respect_to_out_and_grad_out():
+    """The double backward also differentiates w.r.t. the saved output O and the incoming dO."""
+    q, k, v = qkv(lq=4, lk=6, d=3)
+    out = math_attention(q, k, v).detach().requires_grad_()
+    grad_out = torch.randn_like(out).requires_grad_()
+    assert gradcheck(lambda *x: AttentionBackward.apply(*x, 3), (q, k, v, out, grad_out))
+
+
+@pytest.mark.parametrize("lq,lk,d,dv", [(9, 9, 4, 4), (9, 5, 4, 6), (3, 8, 2, 3)])
+def test_first_and_second_derivatives_equal_the_math_path(lq, lk, d, dv):
+    q, k, v = qkv(b=2, heads=3, lq=lq, lk=lk, d=d, dv=dv)
+    ours = first_and_second(lambda *x: DoubleBackwardAttention.apply(*x, 4), q, k, v)
+    ref = first_and_second(math_attention, q, k, v)
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(ours[1] + ours[2], ref[1] + ref[2]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_equals_unchunked():
+    q, k, v = qkv(b=2, heads=2, lq=11, lk=7, d=4)
+    one = first_and_second(lambda *x: DoubleBackwardAttention.apply(*x, 11), q, k, v)
+    for chunk in (1, 3, 5):
+        many = first_and_second(lambda *x: DoubleBackwardAttention.apply(*x, chunk), q, k, v)
+        for a, b in zip(one[1] + one[2], many[1] + many[2]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_attention_switches_path_only_inside_double_backward_with_grad(monkeypatch):
+    monkeypatch.setattr(attention, "MATH_MAX_KEYS", 4)
+    q, k, v = qkv()
+    assert attention.attention(q, k, v).grad_fn.name() != "DoubleBackwardAttentionBackward"
+    with attention.double_backward():
+        assert attention.double_backward_enabled()
+        assert attention.attention(q, k, v).grad_fn.name() == "DoubleBackwardAttentionBackward"
+        with torch.no_grad():
+            torch.testing.assert_close(attention.attention(q, k, v), math_attention(q, k, v))
+    assert not attention.double_backward_enabled()
+    with attention.double_backward():  # few keys (text tokens): the math path, cheaper there
+        out = attention.attention(q, k[..., :4, :], v[..., :4, :])
+        assert out.grad_fn.name() != "DoubleBackwardAttentionBackward"
+    # The default path is plain SDPA, which has no double backward on CPU: the reason for the switch.
+    torch.testing.assert_close(attention.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+class TwoLayers(torch.nn.Module):
+    """Self-attention then cross-attention, with projections: a UNet-free stand-in for a block."""
+
+    def __init__(self, dim=8, ctx_dim=6, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv1 = torch.nn.Linear(dim, 3 * dim)
+        self.q2, self.kv2 = torch.nn.Linear(dim, dim), torch.nn.Linear(ctx_dim, 2 * dim)
+
+    def split(self, x):  # [B, L, heads*d] -> [B, heads, L, d]
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def forward(self, x, ctx, attn):
+        q, k, v = (self.split(t) for t in self.qkv1(x).chunk(3, dim=-1))
+        x = x + attn(q, k, v).transpose(1, 2).flatten(2)
+        k, v = (self.split(t) for t in self.kv2(ctx).chunk(2, dim=-1))
+        return x + attn(self.split(self.q2(x)), k, v).transpose(1, 2).flatten(2)
+
+
+def test_double_backward_through_two_stacked_layers_matches_math_path(monkeypatch):
+    """The regularizer's pattern: ||d(out . u)/d x|| in the loss, trained by parameter gradients."""
+    monkeypatch.setattr(attention, "MATH_MAX_KEYS", 0)  # both layers through DoubleBackwardAttention
+    torch.manual_seed(0)
+    model = TwoLayers().double()
+    x0 = torch.randn(2, 10, 8, dtype=torch.float64)
+    ctx = torch.randn(2, 4, 6, dtype=torch.float64)
+    u = torch.randn(2, 10, 8, dtype=torch.float64)
+
+    def param_grads(attn):
+        x = x0.clone().requires_grad_()
+        out = model(x, ctx, attn)
+        (vjp,) = torch.autograd.grad((out * u).sum(), x, create_graph=True)  # like Eq. 10
+        loss = (vjp.flatten(1).norm(dim=1) - 1).pow(2).mean() + out.pow(2).mean()  # like Eq. 9 + 14
+        return torch.autograd.grad(loss, list(model.parameters()))
+
+    def ours(q, k, v):
+        with attention.double_backward():
+            return attention.attention(q, k, v, chunk=3)
+
+    for a, b in zip(param_grads(ours), param_grads(math_attention)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_half_precision_inputs_run_and_stay_close_to_float32():
+    q, k, v = (x.detach().float() for x in qkv(lq=16, lk=16, d=8))
+    ref = first_and_second(lambda *x: DoubleBackwardAttention.apply(*x, 5),
+                           *(x.requires_grad_() for x in (q, k, v)))
+    half = first_and_second(lambda *x: DoubleBackwardAttention.apply(*x, 5),
+                            *(x.bfloat16().requires_grad_() for x in (q, k, v)))
+    for a, b in zip(half[1] + half[2], ref[1] + ref[2]):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b, rtol=0.1, atol=0.1 * b.abs().max().item())

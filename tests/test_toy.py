@@ -1,0 +1,142 @@
+"""The toy world: the data generator, the committed tiny SD, the quality proxies, `python train.py`."""
+import functools
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+import toy
+import toy_metrics
+
+# Measured on 1000 held-out real images (seed 7) by `python toy.py evaluate`; see test below.
+CLASSIFIER_HELDOUT_ACCURACY = 1.0
+
+
+def nearest_colour(rgb):
+    return min(toy.COLOURS, key=lambda name: np.abs(np.array(toy.COLOURS[name]) - np.asarray(rgb, float)).sum())
+
+
+def test_generator_is_deterministic_and_held_out_triples_never_appear_in_training():
+    images, attributes = toy.make_images(40, seed=3)
+    again, attributes_again = toy.make_images(40, seed=3)
+    other, _ = toy.make_images(40, seed=4)
+    assert np.array_equal(images, again) and attributes == attributes_again
+    assert not np.array_equal(images, other)
+    assert all((a["shape"], a["colour"], a["background"]) not in toy.HELDOUT for a in attributes)
+    _, heldout = toy.make_images(40, seed=3, split="heldout")
+    assert all((a["shape"], a["colour"], a["background"]) in toy.HELDOUT for a in heldout)
+    train_words = {w for a in attributes for w in toy.caption(a).split()}
+    assert {w for p in toy.heldout_prompts() for w in p.split()} <= train_words | set(toy.SIZES)
+
+
+def test_captions_match_the_pixels():
+    images, attributes = toy.make_images(60, seed=5)
+    for image, a in zip(images, attributes):
+        words = toy.caption(a).split()
+        shape_at = words.index(a["shape"])
+        assert words[shape_at - 1] == a["colour"] and words[shape_at - 2] == a["size"]
+        assert words[-2] == a["background"]
+        corner = image[0, 0] if a["cx"] > 16 or a["cy"] > 16 else image[-1, -1]
+        centre = image[int(a["cy"]), int(a["cx"])]  # the shape's centre (centroid for the triangle)
+        assert nearest_colour(corner) == a["background"]
+        assert nearest_colour(centre) == a["colour"]
+        # The shape's area in pixels: those at least half-way from the background to the shape colour.
+        contrast = np.abs(centre.astype(int) - corner.astype(int)).sum()
+        covered = (np.abs(image.astype(int) - corner.astype(int)).sum(-1) > contrast / 2).sum()
+        side = {"square": 1.76 * a["r"], "triangle": 1.2 * a["r"] * 3 ** 0.5}
+        area, perimeter = {"circle": (np.pi * a["r"] ** 2, 2 * np.pi * a["r"]),
+                           "square": (side["square"] ** 2, 4 * side["square"]),
+                           "triangle": (3 ** 0.5 / 4 * side["triangle"] ** 2, 3 * side["triangle"])}[a["shape"]]
+        assert abs(covered - area) <= 0.4 * perimeter + 2, (covered, area, a)
+        assert toy.SIZES[a["size"]][0] <= a["r"] <= toy.SIZES[a["size"]][1]
+
+
+def test_prepare_data_writes_the_caption_folder_that_train_reads(tmp_path):
+    import data
+
+    folder = toy.prepare_data(tmp_path / "toy", n=6, seed=2)
+    dataset = data.CaptionDataset(folder, toy.RESOLUTION)
+    images, attributes = toy.make_images(6, seed=2)
+    for i, a in enumerate(attributes):
+        item = dataset[(i, i)]
+        assert item["caption"] == toy.caption(a)
+        assert torch.equal(item["pixels"], toy.to_pixels(images[i:i + 1])[0])
+
+
+def test_heldout_prompts_file_is_the_heldout_captions():
+    lines = toy.HELDOUT_PROMPTS.read_text().splitlines()
+    assert lines == toy.heldout_prompts() and len(lines) == 2 * len(toy.HELDOUT)
+    _, attributes = toy.make_images(500, seed=0)
+    assert not set(lines) & {toy.caption(a) for a in attributes}
+
+
+def test_tokenizer_folder_is_bpe_files_and_knows_every_toy_word():
+    from transformers import CLIPTokenizer
+
+    folder = toy.MODEL_DIR / "tokenizer"
+    assert (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    assert not (folder / "tokenizer.json").exists()
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    ids = tokenizer("a small red circle on a blue background").input_ids
+    assert len(ids) == 2 + 8  # start, one token per word, end
+
+
+def test_committed_model_loads_and_generates_finite_images_of_the_right_size():
+    import checkpoint
+
+    size = sum(f.stat().st_size for f in toy.MODEL_DIR.rglob("*") if f.is_file())
+    assert size < 20e6
+    models = checkpoint.load_models(toy.MODEL_DIR)
+    assert models.unet.config.cross_attention_dim == models.text_encoder.config.hidden_size
+    images = toy.generate(models, ["a small red circle on a blue background", ""], steps=4)
+    assert images.shape == (2, 3, toy.RESOLUTION, toy.RESOLUTION)
+    assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+
+
+def test_classifier_recognises_heldout_real_images():
+    images, attributes = toy.make_images(300, seed=11, split="heldout")
+    accuracy = toy_metrics.caption_accuracy(toy_metrics.images01(images), [toy.caption(a) for a in attributes])
+    assert accuracy["caption"] >= CLASSIFIER_HELDOUT_ACCURACY - 0.03, accuracy
+
+
+def test_caption_accuracy_fails_captions_that_name_the_wrong_attributes():
+    images, attributes = toy.make_images(100, seed=12, split="heldout")
+    wrong = [toy.caption({**a, "background": a["colour"], "colour": a["background"]}) for a in attributes]
+    accuracy = toy_metrics.caption_accuracy(toy_metrics.images01(images), wrong)
+    assert accuracy["colour"] < 0.1 and accuracy["background"] < 0.1 and accuracy["caption"] < 0.1
+    assert toy_metrics.parse_caption("a red circle on blue background") == dict(
+        shape="circle", colour="red", background="blue")
+
+
+def test_frechet_distance_matches_the_closed_form():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 5)) @ rng.normal(size=(5, 5))
+    shift = rng.normal(size=5)
+    assert toy_metrics.frechet_distance(a, a) == pytest.approx(0, abs=1e-8)
+    assert toy_metrics.frechet_distance(a, a + shift) == pytest.approx((shift ** 2).sum(), rel=1e-8)
+    # b = 2a + c: S_b = 4 S_a, so Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) = Tr(S_a) (1 + 4 - 4).
+    b = 2 * a + shift
+    expected = ((b.mean(0) - a.mean(0)) ** 2).sum() + np.trace(np.cov(a, rowvar=False))
+    assert toy_metrics.frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
+
+
+def test_train_py_without_arguments_trains_the_toy_smooth_lora_and_reports(tmp_path, monkeypatch):
+    import train
+
+    folder = toy.prepare_data(tmp_path / "data", n=8)
+    calls = []
+    quick_report = functools.partial(toy.report, prompts=1, steps=2)
+    monkeypatch.setattr(toy, "report", lambda *args: calls.append(quick_report(*args)))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:  # the no-argument path, shortened: fewer steps and a local data/out folder
+        code = train.main(["--max-steps", "2", "--batch-size", "2", "--data", str(folder),
+                           "--out", str(tmp_path / "run")])
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert code == 0
+    assert (tmp_path / "run" / "smooth_lora.safetensors").is_file()
+    assert (tmp_path / "run" / "interpolation_before_after.png").is_file()
+    result = calls[0]
+    assert np.isfinite(result["base"]["istd"]) and np.isfinite(result["lora"]["istd"])

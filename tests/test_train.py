@@ -1,0 +1,285 @@
+"""train.py and data.py on a tiny random SD (saved by diffusers) and a tiny image folder, on the CPU.
+
+The training runs are subprocesses (as users run them), 4 steps of batch 2 x accumulation 2 at 16 px.
+"""
+import contextlib
+import itertools
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import checkpoint
+import data
+import lora
+import regularizer
+import sampler
+import train
+from conftest import ROOT, perturb_
+
+TINY = ["--resolution", "16", "--batch-size", "2", "--grad-accum", "2", "--num-workers", "0"]
+CAPTIONS = ["a red circle", "a blue square on a red background", "a photo of a cat", "a dog", "a blue dog"]
+OFFICIAL_KEY = re.compile(r".+\.attn[12]\.processor\.to_(q|k|v|out)_lora\.(down|up)\.weight")
+
+
+def run_train(*args, nproc=1, check=True):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = (launcher if nproc > 1 else [sys.executable]) + [str(ROOT / "train.py"), *map(str, args)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def start_train(*args):
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def wait_for_log_lines(log, n, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if log.exists() and len(log.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{log} did not reach {n} lines")
+
+
+def relative_difference(a, b):
+    return max(((a[k] - b[k]).norm() / a[k].norm()).item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Five captioned images of different sizes and aspect ratios, and one corrupt file."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i, caption in enumerate(CAPTIONS):
+        pixels = rng.integers(0, 256, (20 + 6 * i, 36 - 4 * i, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(caption)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    (folder / "broken.txt").write_text("a corrupt image")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_sd, images, tmp_path_factory):
+    """Four steps in one process: the reference for the distributed, resume and checkpointing runs."""
+    out = tmp_path_factory.mktemp("straight")
+    result = run_train("--model", tiny_sd[0], "--data", images, "--out", out, "--max-steps", 4, *TINY)
+    return out, result
+
+
+def test_a_few_steps_write_an_official_layout_lora_that_moved_and_report_the_corrupt_image(straight, tiny_sd):
+    out, result = straight
+    lora = load_file(out / "smooth_lora.safetensors")
+    attention_modules = [n for n, _ in tiny_sd[1].unet.named_modules() if n.endswith((".attn1", ".attn2"))]
+    assert len(lora) == len(attention_modules) * 4 * 2  # to_q, to_k, to_v, to_out; down and up
+    assert all(OFFICIAL_KEY.fullmatch(k) for k in lora), sorted(lora)[:4]
+    ups = [v for k, v in lora.items() if k.endswith(".up.weight")]
+    assert all(v.abs().max() > 0 for v in ups)  # up starts at zero; every one was trained
+    assert "skipped 1 unreadable images" in result.stdout
+    assert "broken.jpg" in result.stderr
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) and r["loss_reg"] > 0 and r["var_norm"] > 0 for r in log)
+    assert log[-1]["a"] > 0 and log[-1]["samples_seen"] == 4 * 2 * 2
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["step"] == 4 and state["regularizer"]["a"].item() == pytest.approx(log[-1]["a"])
+    assert re.search(r"done: 4 steps .* images/s, .* peak", result.stdout)
+
+
+def test_two_processes_of_batch_1_give_the_lora_of_one_process_of_batch_2(straight, tiny_sd, images,
+                                                                          tmp_path):
+    run_train("--model", tiny_sd[0], "--data", images, "--out", tmp_path, "--max-steps", 4,
+              *TINY, "--batch-size", 1, nproc=2)
+    one = load_file(straight[0] / "smooth_lora.safetensors")
+    two = load_file(tmp_path / "smooth_lora.safetensors")
+    assert relative_difference(one, two) < 1e-3
+    a1 = torch.load(straight[0] / "state.pt", weights_only=True)["regularizer"]["a"]
+    a2 = torch.load(tmp_path / "state.pt", weights_only=True)["regularizer"]["a"]
+    assert torch.allclose(a1, a2, rtol=1e-4)
+
+
+def test_stopping_at_2_and_resuming_to_4_equals_a_straight_run_to_4(straight, tiny_sd, images, tmp_path):
+    common = ["--model", tiny_sd[0], "--data", images, "--out", tmp_path, *TINY]
+    run_train(*common, "--max-steps", 2)
+    resumed = run_train(*common, "--max-steps", 4, "--resume", "auto")
+    assert "resumed from" in resumed.stdout and "done: 2 steps (to step 4)" in resumed.stdout
+    assert relative_difference(load_file(straight[0] / "smooth_lora.safetensors"),
+                               load_file(tmp_path / "smooth_lora.safetensors")) < 1e-5
+    log = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4]
+
+
+def test_gradient_checkpointing_gives_the_same_regularized_training(straight, tiny_sd, images, tmp_path):
+    run_train("--model", tiny_sd[0], "--data", images, "--out", tmp_path, "--max-steps", 4, *TINY,
+              "--gradient-checkpointing")
+    assert relative_difference(load_file(straight[0] / "smooth_lora.safetensors"),
+                               load_file(tmp_path / "smooth_lora.safetensors")) < 1e-5
+
+
+def test_fd_mode_with_lazy_and_partial_regularization_regularizes_every_kth_step(tiny_sd, images, tmp_path):
+    run_train("--model", tiny_sd[0], "--data", images, "--out", tmp_path, "--max-steps", 3, *TINY,
+              "--reg-mode", "fd", "--reg-every", 2, "--reg-batch-frac", 0.5)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["regularized"] for r in log] == [True, False, True]
+    assert log[0]["loss_reg"] > 0 and log[1]["loss_reg"] == 0 and log[1]["a"] == log[0]["a"] > 0
+    assert log[0]["loss"] == pytest.approx(log[0]["loss_base"] + 2 * log[0]["loss_reg"], rel=1e-5)
+
+
+def test_sigkill_during_training_leaves_a_loadable_checkpoint(tiny_sd, images, tmp_path):
+    proc = start_train("--model", tiny_sd[0], "--data", images, "--out", tmp_path, "--max-steps", 10_000,
+                       "--save-every", 1, *TINY)
+    try:
+        wait_for_log_lines(tmp_path / "log.jsonl", 3, proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    lora = load_file(tmp_path / "smooth_lora.safetensors")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert len(lora) > 0 and all(OFFICIAL_KEY.fullmatch(k) for k in lora)
+    assert state["step"] >= 2 and set(state) >= {"lora", "optimizer", "regularizer", "rng", "samples_seen"}
+
+
+def test_sigterm_saves_the_current_step_and_exits_cleanly(tiny_sd, images, tmp_path):
+    proc = start_train("--model", tiny_sd[0], "--data", images, "--out", tmp_path, "--max-steps", 10_000,
+                       "--save-every", 1000, *TINY)
+    wait_for_log_lines(tmp_path / "log.jsonl", 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "stopped by signal" in stdout + stderr
+    last_logged = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])["step"]
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["step"] == last_logged
+
+
+def test_a_nan_loss_stops_with_an_error_and_keeps_the_last_good_checkpoint(tiny_sd, images, tmp_path):
+    # lr 1e30 makes the LoRA weights ~1e30 after step 1, so step 2's output overflows.
+    result = run_train("--model", tiny_sd[0], "--data", images, "--out", tmp_path, "--max-steps", 5,
+                       "--save-every", 1, "--lr", 1e30, *TINY, check=False)
+    assert result.returncode != 0
+    assert "loss is nan at step 2" in result.stderr
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["step"] == 1
+
+
+def test_bad_input_is_a_clear_error_before_training(tiny_sd, images, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text(json.dumps({"image": "img0.png", "text": "x"}) + "\n")  # not next to the JSONL
+    no_caption = tmp_path / "no_caption"
+    no_caption.mkdir()
+    Image.new("RGB", (8, 8)).save(no_caption / "a.png")
+    out = tmp_path / "out"
+    cases = [
+        (["--data", empty], "no images found"),
+        (["--data", jsonl], "do not exist"),
+        (["--data", no_caption], "no caption file"),
+        (["--data", images, "--resolution", 100], "not divisible by 8"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as e:
+            train.main(["--model", str(tiny_sd[0]), "--out", str(out), *map(str, args)])
+        assert message in str(e.value.code)
+    # And as the user sees it: a non-zero exit with the message, before anything is written.
+    result = run_train("--model", images, "--data", images, "--out", out, *TINY, check=False)
+    assert result.returncode != 0 and "error" in result.stderr and str(images) in result.stderr
+    assert not out.exists()
+
+
+def test_jsonl_paths_are_relative_to_the_jsonl_folder(images, tmp_path):
+    jsonl = images / "captions.jsonl"
+    lines = [json.dumps({"image": f"img{i}.png", "text": c}) for i, c in enumerate(CAPTIONS)]
+    jsonl.write_text("\n".join(lines) + "\n")
+    try:
+        items = data.list_items(jsonl)
+    finally:
+        jsonl.unlink()
+    assert items == [(str(images / f"img{i}.png"), c) for i, c in enumerate(CAPTIONS)]
+
+
+def test_images_are_resized_on_the_short_side_and_centre_cropped(tmp_path):
+    x = np.arange(32, dtype=np.uint8) * 8  # red = 8 * column
+    pixels = np.zeros((16, 32, 3), dtype=np.uint8)
+    pixels[..., 0] = x
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    image = data.load_image(tmp_path / "wide.png", 16)  # short side already 16: only the crop acts
+    assert image.shape == (3, 16, 16)
+    expected_red = torch.from_numpy(x[8:24].astype(np.float32)) / 127.5 - 1
+    torch.testing.assert_close(image[0, 0], expected_red)
+    assert data.load_image(tmp_path / "wide.png", 8).shape == (3, 8, 8)
+
+
+def test_data_order_depends_on_the_global_position_only():
+    def take(rank, world, batch, start=0, n=12):
+        return list(itertools.islice(data.stream_keys(5, 3, start, rank, world, batch), n))
+
+    one = take(0, 1, 2, n=24)
+    r0, r1 = take(0, 2, 1), take(1, 2, 1)
+    assert [x for pair in zip(r0, r1) for x in pair] == one  # rank r takes slice r of each global batch
+    assert [key for _, key in one] == list(range(24))
+    for epoch in range(4):  # each epoch is a permutation of all items
+        assert sorted(i for i, key in one if key // 5 == epoch) == list(range(5))
+    assert take(0, 1, 2, start=8, n=16) == one[8:]  # resuming at a data position continues the stream
+    assert [i for i, _ in one[:5]] != [i for i, _ in one[5:10]]  # a new order each epoch
+
+
+def test_toy_world_defaults_apply_unless_the_flag_was_given(monkeypatch, tmp_path):
+    import toy
+
+    written = []
+    monkeypatch.setattr(toy, "prepare_data", written.append)
+    monkeypatch.setattr(train, "ROOT", tmp_path)
+    cfg, explicit = train.parse_args(["--lr=5e-4", "--max-steps", "7"])
+    train.use_toy_world(cfg, explicit, master=True)
+    assert cfg.lr == 5e-4 and cfg.max_steps == 7  # given on the command line
+    for name, value in toy.TRAIN_DEFAULTS.items():
+        if name not in ("lr", "max_steps"):
+            assert getattr(cfg, name) == value
+    assert cfg.model == str(tmp_path / "assets" / "toy-sd") and cfg.out == str(tmp_path / "runs" / "toy")
+    assert written == [cfg.data] and cfg.data == str(tmp_path / "data" / "toy")
+
+
+def test_partial_regularization_equals_its_per_sample_pieces(tiny_sd, images):
+    """--reg-batch-frac 0.5 on [s0, s1]: d/dw of mean(base0, base1) + reg(s0), with s1 in a plain forward."""
+    models = checkpoint.load_models(tiny_sd[0])
+    lora.inject_lora(models.unet, rank=2)
+    params = lora.freeze_all_but_lora(models.unet)
+    perturb_(models.unet.requires_grad_(False))  # non-zero LoRA up weights, so that every grad is non-zero
+    lora.freeze_all_but_lora(models.unet)
+    reg = regularizer.StepwiseVariationRegularizer().eval()  # a fixed running mean
+    reg.a.fill_(0.3)
+    abar = sampler.make_schedule(models.scheduler_config).alphas_cumprod
+    dataset = data.CaptionDataset(images, 16)
+    s0, s1 = dataset[(0, 10)], dataset[(1, 11)]
+
+    def step(samples, regularize, **config):
+        loss, base, loss_reg, _ = train.micro_step(
+            train.TrainConfig(**config), models.unet, models, reg, data.collate(samples), abar, regularize,
+            torch.device("cpu"), contextlib.nullcontext)
+        return base, loss_reg, torch.autograd.grad(loss, params)
+
+    base, loss_reg, grads = step([s0, s1], True, reg_batch_frac=0.5)
+    base0_reg0, reg0, grads0_reg0 = step([s0], True)
+    base0, _, grads0 = step([s0], False)
+    base1, _, grads1 = step([s1], False)
+    assert base.item() == pytest.approx((base0 + base1).item() / 2, rel=1e-5)
+    assert base0_reg0.item() == pytest.approx(base0.item(), rel=1e-6)
+    assert loss_reg.item() == pytest.approx(reg0.item(), rel=1e-5) and reg0 > 0
+    for g, g0r, g0, g1 in zip(grads, grads0_reg0, grads0, grads1):
+        torch.testing.assert_close(g, g0r - g0 / 2 + g1 / 2, rtol=1e-4, atol=1e-6)
