@@ -57,7 +57,8 @@ ROOT = Path(__file__).resolve().parent
 
 @dataclass
 class TrainConfig:
-    model: str = None  # SD-1.5 folder in the diffusers layout; None = the toy world
+    model: str = None  # SD-1.5 diffusers folder or single file; None = the toy world
+    tokenizer: str = None  # tokenizer folder (vocab.json + merges.txt), needed with a single-file --model
     data: str = None  # folder of images + same-stem .txt captions, or a .jsonl of {"image", "text"}
     out: str = None  # output folder (default: out, or runs/toy in the toy world)
     resolution: int = 512  # images are resized and centre-cropped to this (a multiple of 8)
@@ -87,6 +88,8 @@ def parse_args(argv):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=d.model,
                    help="SD-1.5 folder in the diffusers layout; leave out to train on the toy world")
+    p.add_argument("--tokenizer", default=d.tokenizer,
+                   help="tokenizer folder (vocab.json + merges.txt); needed when --model is a single file")
     p.add_argument("--data", default=d.data, help="image folder with .txt captions, or a .jsonl file")
     p.add_argument("--out", default=d.out, help="output folder (out, or runs/toy in the toy world)")
     p.add_argument("--resolution", type=int, default=d.resolution, help="resize, centre crop (multiple of 8)")
@@ -304,7 +307,7 @@ def main(argv=None):
         check_config(cfg)
         dataset = data.CaptionDataset(cfg.data, cfg.resolution)
         frozen_dtype = dict(no=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)[cfg.mixed_precision]
-        models = checkpoint.load_models(cfg.model, device=device, dtype=frozen_dtype)
+        models = checkpoint.load_models(cfg.model, tokenizer=cfg.tokenizer, device=device, dtype=frozen_dtype)
     except (ValueError, OSError) as e:
         raise SystemExit(f"train.py: error: {e}")
     out = Path(cfg.out or "out")
