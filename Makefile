@@ -3,6 +3,7 @@
 #   make test   set up .venv with the test oracles and run the test suite
 PYTHON ?= python3
 TORCH  ?= torch==2.13.0
+LPIPS_ORACLE := torchvision==0.29.1 lpips==0.1.4
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
@@ -14,6 +15,8 @@ $(VENV)/.runtime: requirements.txt
 
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
+	# LPIPS oracle for tests/test_perceptual.py, kept off the venv's path (see that file for why)
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/lpips-oracle $(LPIPS_ORACLE)
 	touch $@
 
 setup: $(VENV)/.runtime

@@ -7,7 +7,8 @@ What is here, in the order of the paper:
   * interpolation: slerp between two noises, between two inverted real images, and the VAE-space
     baseline (Sec. 4.1, Fig. 3);
   * text-based editing by switching the prompt during the NTI reconstruction (Eq. 15, Sec. 4.4);
-  * ISTD (Sec. 4.1) and the reconstruction metrics MSE / PSNR / SSIM of Table 2.
+  * ISTD (Sec. 4.1) and the reconstruction metrics MSE / PSNR / SSIM of Table 2; its LPIPS is in
+    perceptual.py and needs ImageNet weights the user brings (`invert --lpips-weights`).
 
 `unet` is any callable `(x, t, context) -> eps` (our `unet.UNet` is one); timesteps are passed to it
 as a [B] LongTensor. Run `python sampler.py` for the toy interpolation demo, or e.g.
@@ -34,6 +35,7 @@ from tqdm import tqdm
 
 import checkpoint
 import lora
+import perceptual
 
 # SD-1.5's scheduler_config.json (a PNDM config; what DDIMScheduler.from_config reads from it).
 SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -560,9 +562,14 @@ def build_parser():
     p.add_argument("--prompt-b", default=None, help="caption of --image-b (default: --prompt)")
     p.add_argument("--compare-base", action="store_true",
                    help="with --lora: also render the same interpolation without the LoRA (*_base.png/gif)")
-    sub.add_parser("invert", parents=[common, images],
-                   help="invert --image and reconstruct it; writes input | reconstruction and MSE/PSNR/SSIM") \
-        .add_argument("--image", required=True, help="the image to invert")
+    p = sub.add_parser("invert", parents=[common, images],
+                       help="invert --image and reconstruct it; writes input | reconstruction and MSE/PSNR/SSIM"
+                            " (and LPIPS with --lpips-weights)")
+    p.add_argument("--image", required=True, help="the image to invert")
+    p.add_argument("--lpips-weights", nargs="+", default=None, metavar="FILE",
+                   help="report LPIPS too (perceptual.py): torchvision's alexnet (or vgg16) ImageNet weights "
+                        "and the lpips package's weights/v0.1/alex.pth (or vgg.pth), in any order; "
+                        "nothing is downloaded")
     p = sub.add_parser("edit", parents=[common, images],
                        help="edit --image from --prompt to --target-prompt by Eq. 15; "
                             "writes source | reconstruction | edit")
@@ -610,8 +617,11 @@ def _invert(args, models, schedule, latents, cond, uncond):
                             inner_steps=args.inner_steps, schedule=schedule)
 
 
-def _metrics(x, y):
-    return {"mse": mse(x, y).item(), "psnr": psnr(x, y).item(), "ssim": ssim(x, y).item()}
+def _metrics(x, y, lpips_model=None):
+    scores = {"mse": mse(x, y).item(), "psnr": psnr(x, y).item(), "ssim": ssim(x, y).item()}
+    if lpips_model is not None:
+        scores["lpips"] = perceptual.lpips(lpips_model, x, y).item()
+    return scores
 
 
 def main(argv=None):
@@ -636,6 +646,15 @@ def main(argv=None):
     if args.command == "interpolate" and args.compare_base and not args.lora:
         raise SystemExit("error: --compare-base compares with and without --lora; pass --lora FILE")
 
+    lpips_model = None
+    if getattr(args, "lpips_weights", None):  # before the long inversion: bad files fail at once
+        for path in args.lpips_weights:
+            if not Path(path).is_file():
+                raise SystemExit(f"error: --lpips-weights file not found: {path}")
+        try:
+            lpips_model = perceptual.load_lpips(args.lpips_weights, device=args.device)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
     models, schedule, size, latent_shape = _load(args)
     out.mkdir(parents=True, exist_ok=True)
     unet, vae, device = models.unet, models.vae, torch.device(args.device)
@@ -679,9 +698,10 @@ def main(argv=None):
         x_T, nulls = _invert(args, models, schedule, latents, cond, uncond)
         recon = decode_latents(vae, ddim_sample(unet, x_T, cond, nulls, args.steps, args.guidance, schedule=schedule))
         if args.command == "invert":
-            report = {"inversion": args.inversion, "reconstruction": _metrics(recon, image),
-                      "vae_reconstruction": _metrics(decode_latents(vae, latents), image),
-                      "lpips": "skipped: LPIPS needs pretrained network weights, which this project does not ship"}
+            report = {"inversion": args.inversion, "reconstruction": _metrics(recon, image, lpips_model),
+                      "vae_reconstruction": _metrics(decode_latents(vae, latents), image, lpips_model),
+                      "lpips_net": lpips_model.net if lpips_model else
+                      "skipped: pass --lpips-weights (LPIPS needs ImageNet weights, which are not shipped)"}
             written.append(save_strip(torch.cat([image, recon]), out / "reconstruction.png"))
         else:
             edited = decode_latents(vae, edit(unet, x_T, nulls, cond, models.encode_prompt([args.target_prompt]),
