@@ -124,32 +124,56 @@ class StepwiseVariationRegularizer(nn.Module):
 
     `a` is a buffer, so it is saved in state_dict and a resumed run keeps it (the official script
     restarts it at 0). It starts at 0 like the official code and StyleGAN2's pl_mean; with decay 0.01
-    it reaches the norms' scale within a few hundred steps.
+    it reaches the norms' scale within a few hundred updates.
+
+    timestep_buckets > 1 (not in the paper) keeps one running mean per range of timesteps: the norm's
+    mean grows by orders of magnitude from t = 0 to t = 999 while it varies by ~20% at one t, so a
+    single `a` mostly penalises that profile instead of the spread across directions and noises that
+    Eq. 8 is about. Each bucket starts from the first mean it sees (not 0: a bucket is updated in only
+    some steps, and a slow climb from 0 would dominate a short fine-tune).
     """
 
-    def __init__(self, decay=0.01):
+    def __init__(self, decay=0.01, timestep_buckets=1, num_train_timesteps=1000):
         super().__init__()
-        self.decay = decay
-        self.register_buffer("a", torch.zeros((), dtype=torch.float32))
+        self.decay, self.num_train_timesteps = decay, num_train_timesteps
+        self.register_buffer("a", torch.zeros((timestep_buckets,) if timestep_buckets > 1 else (),
+                                              dtype=torch.float32))
 
-    def penalty(self, norms):
-        """norms: [B] (variation_norm or fd_variation_norm) -> scalar loss. Updates `a` in training mode."""
+    def buckets(self, timesteps):
+        return (timesteps.long() * self.a.numel() // self.num_train_timesteps).clamp(0, self.a.numel() - 1)
+
+    def _update(self, norms, timesteps):
+        """a <- a + decay (mean(norms) - a), per bucket; one a for the whole run across ranks."""
+        bucket = self.buckets(timesteps) if self.a.ndim else torch.zeros_like(norms, dtype=torch.long)
+        sums = torch.zeros(self.a.numel(), device=norms.device).index_add_(0, bucket, norms.detach().float())
+        counts = torch.zeros_like(sums).index_add_(0, bucket, torch.ones_like(sums[bucket]))
+        means, ranks = sums / counts.clamp(min=1), (counts > 0).float()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(means)  # every rank moves a by the mean of the ranks' batch means
+            dist.all_reduce(ranks)
+        a, seen = self.a.view(-1), ranks > 0
+        rate = torch.full_like(a, self.decay)
+        if self.a.ndim:
+            rate[a == 0] = 1.0  # a bucket's first mean starts it (the norms are > 0)
+        a[seen] += rate[seen] * (means[seen] / ranks[seen] - a[seen])
+
+    def penalty(self, norms, timesteps=None):
+        """norms: [B] (variation_norm or fd_variation_norm), timesteps: [B] (needed with buckets)
+        -> scalar loss. Updates `a` in training mode."""
+        if self.a.ndim and timesteps is None:
+            raise ValueError("a per-timestep running mean needs the samples' timesteps: penalty(norms, t)")
         if self.training:
             with torch.no_grad():
-                batch_mean = norms.detach().float().mean()
-                if dist.is_available() and dist.is_initialized():
-                    # One a for the whole run: every rank moves it by the global batch mean.
-                    dist.all_reduce(batch_mean)
-                    batch_mean /= dist.get_world_size()
-                self.a += self.decay * (batch_mean - self.a)  # a <- a + decay (mean(norms) - a)
+                self._update(norms, timesteps)
         # The official code (like rosinality's StyleGAN2) uses the updated a without detaching it
         # within the step, which sends a gradient of relative size `decay` through the mean; we
         # detach it (a is a buffer), a negligible difference at decay 0.01.
-        return ((norms - self.a) ** 2).mean()  # Eq. 9
+        a = self.a[self.buckets(timesteps)] if self.a.ndim else self.a
+        return ((norms - a) ** 2).mean()  # Eq. 9
 
-    def forward(self, x0_pred, noise, sigma, direction=None):
+    def forward(self, x0_pred, noise, sigma, direction=None, timesteps=None):
         """Eq. 9 with the Eq. 10 norm; arguments as in `variation_norm`."""
-        return self.penalty(variation_norm(x0_pred, noise, sigma, direction))
+        return self.penalty(variation_norm(x0_pred, noise, sigma, direction), timesteps)
 
     def extra_repr(self):
-        return f"decay={self.decay}"
+        return f"decay={self.decay}, timestep_buckets={self.a.numel()}"

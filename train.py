@@ -25,6 +25,8 @@ Cheaper regularizer variants (not in the paper): `--reg-every k` regularizes eve
 loss scaled by k (StyleGAN2's lazy regularization); `--reg-batch-frac f` regularizes only the first
 ceil(f * B) samples of each micro-batch; `--reg-mode fd` replaces the vector-Jacobian product of
 Eq. 10 by a finite difference (a second forward pass at eps + h v, no double backward).
+`--reg-timestep-buckets N` (not in the paper) keeps a running mean a per range of timesteps: the
+norm's scale grows by orders of magnitude with t, which a single a cannot follow.
 """
 import argparse
 import contextlib
@@ -70,6 +72,8 @@ class TrainConfig:
     rank: int = 8  # LoRA rank (paper)
     lambda_reg: float = 1.0  # lambda in Eq. 14 (paper: 1); 0 trains the plain-LoRA control
     reg_every: int = 1  # regularize every k-th step, loss scaled by k (paper: 1 = every step)
+    reg_decay: float = 0.01  # running-mean decay per regularized step (official code), 1-(1-d)^k if lazy
+    reg_timestep_buckets: int = 1  # running means of the norm, one per range of t (paper: 1, a single a)
     reg_mode: str = "vjp"  # vjp = Eq. 10 (paper, double backward); fd = finite difference
     reg_batch_frac: float = 1.0  # regularize the first ceil(f * B) samples of each micro-batch (f < 1:
     # the result then depends on the per-process batch size, not only on the global batch)
@@ -103,6 +107,12 @@ def parse_args(argv):
     p.add_argument("--lambda-reg", type=float, default=d.lambda_reg, help="lambda of Eq. 14 (0: plain LoRA)")
     p.add_argument("--reg-every", type=int, default=d.reg_every,
                    help="regularize every k-th step, loss scaled by k (StyleGAN2's lazy regularization)")
+    p.add_argument("--reg-decay", type=float, default=d.reg_decay,
+                   help="decay of the running mean a of Eq. 9 per step; with --reg-every k it is applied as "
+                        "1-(1-decay)^k per regularized step, so a follows the norm as fast in steps")
+    p.add_argument("--reg-timestep-buckets", type=int, default=d.reg_timestep_buckets,
+                   help="keep one running mean a per range of 1000/N timesteps (not in the paper: the norm's "
+                        "scale depends strongly on t); 1 = the paper's single a")
     p.add_argument("--reg-mode", choices=("vjp", "fd"), default=d.reg_mode,
                    help="vjp: Eq. 10 by double backward (paper); fd: finite difference, two forwards")
     p.add_argument("--reg-batch-frac", type=float, default=d.reg_batch_frac,
@@ -126,7 +136,8 @@ def parse_args(argv):
 
 def check_config(cfg):
     """Errors in flag values, before any data or model is touched."""
-    for name in ("batch_size", "grad_accum", "max_steps", "rank", "reg_every", "save_every"):
+    for name in ("batch_size", "grad_accum", "max_steps", "rank", "reg_every", "save_every",
+                 "reg_timestep_buckets"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}.")
     if cfg.resolution % 8:
@@ -134,6 +145,8 @@ def check_config(cfg):
                          f"8): use e.g. {max(8, cfg.resolution // 8 * 8)}.")
     if cfg.seed < 0:
         raise ValueError(f"--seed must be non-negative, got {cfg.seed}.")
+    if not 0 < cfg.reg_decay <= 1:
+        raise ValueError(f"--reg-decay must be in (0, 1], got {cfg.reg_decay}.")
     if not 0 < cfg.reg_batch_frac <= 1:
         raise ValueError(f"--reg-batch-frac must be in (0, 1], got {cfg.reg_batch_frac}.")
     if cfg.model is not None and cfg.data is None:
@@ -221,7 +234,7 @@ def micro_step(cfg, unet, models, reg, batch, alphas_cumprod, regularize, device
     if not regularize:
         zero = loss_base.new_zeros(())
         return loss_base, loss_base.detach(), zero, zero
-    loss_reg = reg.penalty(norms)  # Eq. 9 (updates the running mean a, averaged over ranks)
+    loss_reg = reg.penalty(norms, t[:n])  # Eq. 9 (updates the running mean a, averaged over ranks)
     loss = loss_base + cfg.lambda_reg * cfg.reg_every * loss_reg  # Eq. 14, lazy: scaled by k
     return loss, loss_base.detach(), loss_reg.detach(), norms.detach().mean()
 
@@ -327,7 +340,9 @@ def main(argv=None):
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    reg = regularizer.StepwiseVariationRegularizer().to(device).train()
+    # Lazy regularization updates a only every k-th step: compound the decay so that a keeps pace.
+    reg = regularizer.StepwiseVariationRegularizer(decay=1 - (1 - cfg.reg_decay) ** cfg.reg_every,
+                                                   timestep_buckets=cfg.reg_timestep_buckets).to(device).train()
     optimizer = torch.optim.AdamW(lora_params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
@@ -409,13 +424,15 @@ def main(argv=None):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        a = reg.a.item()
+        a = reg.a.mean().item()  # with timestep buckets: their mean (each bucket in a_per_bucket)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", reg=f"{loss_reg:.3g}", var=f"{norm:.3g}", a=f"{a:.3g}")
         if master:
             record = dict(step=step, loss=loss, loss_base=loss_base, loss_reg=loss_reg, var_norm=norm,
                           a=a, regularized=regularize, grad_norm=grad_norm, lr=cfg.lr,
                           samples_seen=samples_seen, time=round(time.time() - t0, 3))
+            if reg.a.ndim:
+                record["a_per_bucket"] = [round(x, 6) for x in reg.a.tolist()]
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         stopping = flags.item() > 0

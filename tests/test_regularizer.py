@@ -145,6 +145,24 @@ def test_running_mean_update_and_loss_follow_eq9():
     assert resumed.a.item() == pytest.approx(a2)
 
 
+def test_per_timestep_running_means_start_at_their_first_mean_and_follow_eq9_per_bucket():
+    reg = StepwiseVariationRegularizer(decay=0.1, timestep_buckets=4)  # buckets of 250 timesteps
+    norms = torch.tensor([1.0, 3.0, 10.0, 50.0])
+    t = torch.tensor([0, 249, 600, 999])  # buckets 0, 0, 2, 3; bucket 1 unseen
+    loss = reg.penalty(norms, t)
+    torch.testing.assert_close(reg.a, torch.tensor([2.0, 0.0, 10.0, 50.0]))  # first means, not 0.1 * mean
+    assert loss.item() == pytest.approx(((1 - 2.0) ** 2 + (3 - 2.0) ** 2) / 4)
+    loss = reg.penalty(torch.tensor([4.0, 20.0, 7.0]), torch.tensor([100, 700, 300]))
+    want = torch.tensor([2.0 + 0.1 * (4.0 - 2.0), 7.0, 10.0 + 0.1 * (20.0 - 10.0), 50.0])
+    torch.testing.assert_close(reg.a, want)
+    assert loss.item() == pytest.approx(((4 - want[0]) ** 2 + (20 - want[2]) ** 2 + 0.0) / 3)
+    with pytest.raises(ValueError, match="timesteps"):
+        reg.penalty(norms)
+    resumed = StepwiseVariationRegularizer(decay=0.1, timestep_buckets=4)
+    resumed.load_state_dict(reg.state_dict())
+    torch.testing.assert_close(resumed.a, want)
+
+
 def test_forward_is_the_penalty_of_the_eq10_norm():
     g = torch.Generator().manual_seed(6)
     A = torch.randn(2, 4, 4, generator=g, dtype=DT)

@@ -142,6 +142,20 @@ def test_fd_mode_with_lazy_and_partial_regularization_regularizes_every_kth_step
     assert log[0]["loss"] == pytest.approx(log[0]["loss_base"] + 2 * log[0]["loss_reg"], rel=1e-5)
 
 
+def test_lazy_regularization_compounds_the_decay_and_timestep_buckets_start_at_the_first_mean(tiny_sd, images,
+                                                                                              tmp_path):
+    common = ["--model", tiny_sd[0], "--data", images, "--max-steps", 1, *TINY, "--grad-accum", 1]
+    run_train(*common, "--out", tmp_path / "lazy", "--reg-every", 3)
+    (record,) = [json.loads(line) for line in (tmp_path / "lazy" / "log.jsonl").read_text().splitlines()]
+    # a was 0; one update with decay 1 - 0.99^3, so a moves as far in 3 steps as every-step regularization
+    assert record["a"] == pytest.approx((1 - 0.99 ** 3) * record["var_norm"], rel=1e-5)
+    run_train(*common, "--out", tmp_path / "buckets", "--reg-timestep-buckets", 4)
+    (record,) = [json.loads(line) for line in (tmp_path / "buckets" / "log.jsonl").read_text().splitlines()]
+    started = [a for a in record["a_per_bucket"] if a > 0]
+    assert len(record["a_per_bucket"]) == 4 and 1 <= len(started) <= 2  # the batch's 2 samples' buckets
+    assert np.mean(started) == pytest.approx(record["var_norm"], rel=1e-5)  # each bucket = its first mean
+
+
 def test_sigkill_during_training_leaves_a_loadable_checkpoint(tiny_sd, images, tmp_path):
     proc = start_train("--model", tiny_sd[0], "--data", images, "--out", tmp_path, "--max-steps", 10_000,
                        "--save-every", 1, *TINY)
