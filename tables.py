@@ -188,24 +188,13 @@ def latent_shape(models):
     return (models.unet.config.in_channels, models.unet.config.sample_size, models.unet.config.sample_size)
 
 
-@torch.no_grad()
 def sample_strips(models, prompts, p):
-    """The frames of every strip, [strips, frames, 3, H, W] in [0, 1]. Strip k: prompt k mod len(prompts),
-    noises slerped between sampler.noise_pair(seed + k) (what sampler.evaluate_istd does per prompt),
-    sampled in batches of `chunk` strips (the batch changes nothing but the speed)."""
-    schedule = sampler.make_schedule(models.scheduler_config)
-    uncond = models.encode_prompt([""])
-    out = []
-    for start in range(0, p.strips, p.chunk):
-        ks = range(start, min(p.strips, start + p.chunk))
-        noises = torch.cat([sampler.interpolate_noises(*sampler.noise_pair(p.seed + k, latent_shape(models)),
-                                                       p.frames) for k in ks])  # [len(ks) * frames, 4, h, w]
-        cond = models.encode_prompt([prompts[k % len(prompts)] for k in ks]).repeat_interleave(p.frames, 0)
-        z = sampler.ddim_sample(models.unet, noises, cond, uncond, p.steps, p.guidance, schedule=schedule,
-                                progress=False)
-        images = sampler.decode_latents(models.vae, z)
-        out.append(images.view(len(ks), p.frames, *images.shape[1:]))
-    return torch.cat(out)
+    """The frames of every strip, [strips, frames, 3, H, W] in [0, 1]: strip k is
+    sampler.interpolation_strips' strip for prompt k mod len(prompts) and noise pair seed + k."""
+    return sampler.interpolation_strips(models.unet, models.vae, models.encode_prompt,
+                                        [prompts[k % len(prompts)] for k in range(p.strips)], latent_shape(models),
+                                        p.frames, p.steps, p.guidance, p.seed,
+                                        sampler.make_schedule(models.scheduler_config), p.chunk, progress=False)
 
 
 def score_strips(strips, prompts, real_features):

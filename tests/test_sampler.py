@@ -356,9 +356,12 @@ def test_evaluate_istd_scores_prompt_k_on_the_noise_pair_of_seed_plus_k(tiny_sd)
     noise_a, noise_b = sampler.noise_pair(8, (4, 8, 8))  # prompt 1 -> seed 7 + 1
     frames = sampler.interpolate(models.unet, models.vae, noise_a, noise_b, models.encode_prompt(["a dog"]),
                                  uncond_a=models.encode_prompt([""]), **kw)
-    assert report["per_prompt_istd"][1] == pytest.approx(sampler.istd(frames), rel=1e-6)
+    # evaluate_istd samples the strips in one batch, `interpolate` one frame at a time: the same numbers
+    # up to float summation order. Measured: 2e-7 relative on the distances, 1.2e-5 on their std.
     assert report["per_prompt_mean_adjacent_distance"][1] == pytest.approx(
-        sampler.adjacent_distances(frames).mean().item(), rel=1e-6)
+        sampler.adjacent_distances(frames).mean().item(), rel=2e-6)
+    assert report["per_prompt_istd"][1] == pytest.approx(sampler.istd(frames), rel=1e-4)
+    assert report["per_prompt_istd"][0] != pytest.approx(report["per_prompt_istd"][1], rel=1e-2)
     assert report["istd"] == pytest.approx(np.mean(report["per_prompt_istd"]))
 
 

@@ -57,16 +57,16 @@ def tiny(tiny_sd):
     return tables.load(tiny_sd[0])
 
 
-def test_batched_strips_give_the_istd_of_sampler_evaluate_istd_prompt_by_prompt(tiny):
+def test_strip_k_uses_prompt_k_mod_prompts_and_the_noise_pair_of_seed_plus_k(tiny):
     prompts = ["a red circle on a blue background", "a small white square on a green background"]
     p = tables.Protocol(strips=3, steps=3, chunk=2)  # strip 2 reuses prompt 0 with the noise pair of seed 2
     strips = tables.sample_strips(tiny, prompts, p)
     assert strips.shape == (3, 11, 3, 16, 16)
-    ours = [sampler.istd(s) for s in strips]
-    reference = sampler.evaluate_istd(tiny.unet, tiny.vae, tiny.encode_prompt, prompts + prompts[:1],
-                                      tables.latent_shape(tiny), steps=3, seed=0, progress=False)
-    np.testing.assert_allclose(ours, reference["per_prompt_istd"], rtol=1e-4)
-    assert not np.allclose(ours[0], ours[2])  # same prompt, another noise pair: another strip
+    noise_a, noise_b = sampler.noise_pair(2, tables.latent_shape(tiny))
+    strip2 = sampler.interpolate(tiny.unet, tiny.vae, noise_a, noise_b, tiny.encode_prompt(prompts[:1]),
+                                 uncond_a=tiny.encode_prompt([""]), steps=3, progress=False)
+    torch.testing.assert_close(strips[2], strip2, rtol=1e-4, atol=1e-5)  # batched vs one frame at a time
+    assert not torch.allclose(strips[0], strips[2], atol=1e-3)  # same prompt, another noise pair
 
 
 def fake_scores(istd, rng):
