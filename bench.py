@@ -7,10 +7,15 @@
 Measured, each in a fresh subprocess (so one case's memory does not leak into the next):
 - UNet forward and VAE decode, ours and diffusers' (when installed) with the SAME random weights
   (a seeded diffusers model's state_dict loaded into ours; the names are identical);
-- training steps with LoRA (SD-1.5 config) or all weights (a small config): plain eps-MSE, the
-  paper's regularized step (`vjp`: Eq. 9/10, double backward through `attention.DoubleBackwardAttention`),
-  the same with the old plain-ops attention (`vjp-math`), and the finite-difference form (`fd`).
-  The step mirrors train.py's `micro_step` (Eq. 2 x_t from a noise leaf, Eq. 14 loss) plus AdamW.
+- training steps with LoRA (SD-1.5 config) or all weights (a small config), in the `STEP_MODES`:
+  plain eps-MSE; the paper's regularized step (`vjp`: Eq. 9/10, double backward through
+  `attention.DoubleBackwardAttention`); the same with the old plain-ops attention (`vjp-math`) or
+  with the UNet's gradient checkpointing (`vjp-ckpt`); the finite-difference form (`fd`); and the
+  train.py options `--reg-every 4` (`reg-every4`: 3 plain steps and 1 vjp step with its penalty x 4,
+  time per step = time of the 4 / 4) and `--reg-batch-frac 0.5` (`reg-frac0.5`: the vjp penalty on
+  the first ceil(B / 2) samples; at batch 1 that is the vjp step, so it runs at batch 2).
+  Each step mirrors train.py's `micro_step` (Eq. 2 x_t from a noise leaf, Eq. 14 loss) plus AdamW.
+  Every ratio is against `plain` WITHOUT checkpointing: what a user pays for the option.
 
 Time is the median of repeats; memory is the peak RSS (CPU, /proc/self/status VmHWM after resetting
 it with /proc/self/clear_refs once the model is built) or torch.cuda.max_memory_allocated, and
@@ -50,13 +55,17 @@ def case_list(device, quick):
     """Every measurement as a dict; `impl` "diffusers" rows are skipped when it is not installed."""
     fwd = lambda name, model, cfg, **kw: [dict(name=name, kind=model, cfg=cfg, impl=impl, **kw)
                                           for impl in ("ours", "diffusers")]
-    steps = lambda name, cfg, **kw: [dict(name=name, kind="step", cfg=cfg, impl="ours", mode=m, **kw)
-                                     for m in ("plain", "vjp", "vjp-math", "fd")]
+    steps = lambda name, cfg, modes=tuple(STEP_MODES), **kw: [
+        dict(name=name, kind="step", cfg=cfg, impl="ours", mode=m, **kw) for m in modes]
     if quick:
         return (fwd("unet fwd small 32x32 b2", "unet", "small", side=32, batch=2, repeats=5)
                 + fwd("vae decode small 32x32 b1", "vae", "small", side=32, batch=1, repeats=5)
                 + steps("step small 16x16 b2", "small", side=16, batch=2, lora=False, repeats=5))
-    cases = (steps("step sd15+LoRA 32x32 b1", "sd15", side=32, batch=1, lora=True, repeats=2)
+    # At batch 1, reg-frac0.5 regularizes ceil(0.5) = 1 sample: the vjp step. It gets a batch-2 case.
+    sd15_b1 = ("plain", "vjp", "vjp-math", "vjp-ckpt", "fd", "reg-every4")
+    cases = (steps("step sd15+LoRA 32x32 b1", "sd15", sd15_b1, side=32, batch=1, lora=True, repeats=2)
+             + steps("step sd15+LoRA 32x32 b2", "sd15", ("plain", "vjp", "reg-frac0.5"), side=32, batch=2,
+                     lora=True, repeats=2)
              + fwd("unet fwd sd15 32x32 b2", "unet", "sd15", side=32, batch=2, repeats=3)
              + fwd("unet fwd sd15 64x64 b2", "unet", "sd15", side=64, batch=2, repeats=2)
              + fwd("vae decode sd15 64x64 b1", "vae", "sd15", side=64, batch=1, repeats=2)
@@ -141,8 +150,27 @@ class MathAttention:
         return attention.math_attention(q, k, v)
 
 
+# Step modes: the train.py options each one stands for. A "repeat" of a mode is `every` optimizer
+# steps, the first regularized (train.py regularizes when step % reg_every == 0), and its time is
+# reported per optimizer step.
+STEP_MODES = {
+    "plain": dict(reg=None),  # --lambda-reg 0
+    "vjp": dict(reg="vjp"),  # the paper: --reg-mode vjp, every step, the whole batch
+    "vjp-math": dict(reg="vjp", math=True),  # same, attention by plain ops (before attention.py's path)
+    "vjp-ckpt": dict(reg="vjp", ckpt=True),  # + --gradient-checkpointing
+    "fd": dict(reg="fd"),  # --reg-mode fd
+    "reg-every4": dict(reg="vjp", every=4),  # --reg-every 4
+    "reg-frac0.5": dict(reg="vjp", frac=0.5),  # --reg-batch-frac 0.5 (needs batch >= 2 to differ from vjp)
+}
+
+
 def step_fn(case, unet, cfg, device, dtype):
-    """One training step: Eq. 2, the eps-MSE of Eq. 14 plus the mode's regularizer, AdamW."""
+    """One repeat of a training mode: `every` optimizer steps of train.py's `micro_step` + AdamW.
+
+    Eq. 2 x_t from a noise leaf, the eps-MSE of Eq. 14 plus lambda (= 1) x every x the Eq. 9 penalty
+    on the first ceil(frac * B) samples, with the Eq. 10 norm (vjp) or its finite difference (fd).
+    """
+    mode = {**dict(every=1, frac=1.0, math=False, ckpt=False), **STEP_MODES[case["mode"]]}
     if case["lora"]:
         params = lora.inject_lora(unet, rank=8)
         lora.freeze_all_but_lora(unet)
@@ -150,9 +178,10 @@ def step_fn(case, unet, cfg, device, dtype):
     else:
         params = list(unet.parameters())
     unet.train()
+    unet.enable_gradient_checkpointing(mode["ckpt"])
     opt = torch.optim.AdamW(params, lr=1e-5)
     reg = regularizer.StepwiseVariationRegularizer().to(device)
-    if case["mode"] == "vjp-math":
+    if mode["math"]:
         attention.DoubleBackwardAttention = MathAttention
     g = torch.Generator().manual_seed(1)
     b, side = case["batch"], case["side"]
@@ -161,45 +190,54 @@ def step_fn(case, unet, cfg, device, dtype):
     text = torch.randn(b, 77, cfg.cross_attention_dim, generator=g).to(device)
     t = torch.randint(0, 1000, (b,), generator=g).to(device)
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2  # SD's scaled-linear schedule
-    abar = torch.cumprod(1 - betas, 0).to(device)[t]
-    a4 = abar.view(-1, 1, 1, 1)
-    sigma = (1 - abar).sqrt()
+    abar = torch.cumprod(1 - betas, 0).to(device)[t].view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * latents + (1 - abar).sqrt() * noise  # Eq. 2
     autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
 
-    def run():
-        opt.zero_grad(set_to_none=True)
-        mode = case["mode"]
-        if mode == "plain":
-            with autocast:
-                eps = unet(a4.sqrt() * latents + (1 - a4).sqrt() * noise, t, text).float()
-            loss = F.mse_loss(eps, noise)
-        elif mode in ("vjp", "vjp-math"):
-            noise_leaf = noise.clone().requires_grad_()  # the leaf of Eq. 10
-            x_t = a4.sqrt() * latents + (1 - a4).sqrt() * noise_leaf  # Eq. 2
-            with attention.double_backward(), autocast:
-                eps = unet(x_t, t, text).float()
-            x0 = regularizer.predict_x0(x_t, eps, abar)
-            norms = regularizer.variation_norm(x0, noise_leaf, sigma, direction)  # Eq. 10
-            loss = F.mse_loss(eps, noise) + reg.penalty(norms)  # Eq. 14 with Eq. 9, lambda = 1
-        else:  # fd: x_t and x_t(eps + h v) in one batched forward
+    def forward(x, sl, double_backward=False):
+        with attention.double_backward(double_backward), autocast:
+            return unet(x, t[sl], text[sl]).float()
+
+    def loss_of(regularize):  # train.py's micro_step, line for line
+        n = math.ceil(mode["frac"] * b) if regularize else 0  # the first n samples are regularized
+        sigma = (1 - abar[:n]).sqrt().flatten()  # sqrt(1 - abar_t) of Eq. 9/10
+        if regularize and mode["reg"] == "vjp":
+            noise_reg = noise[:n].clone().requires_grad_()  # the leaf of Eq. 10
+            x_reg = abar[:n].sqrt() * latents[:n] + (1 - abar[:n]).sqrt() * noise_reg  # Eq. 2
+            eps_reg = forward(x_reg, slice(0, n), double_backward=True)
+            eps = torch.cat([eps_reg, forward(x_t[n:], slice(n, b))]) if n < b else eps_reg
+            x0 = regularizer.predict_x0(x_reg, eps_reg, abar[:n].flatten())
+            norms = regularizer.variation_norm(x0, noise_reg, sigma, direction[:n])  # Eq. 10
+        elif regularize:  # fd: x_t and x_t(eps + h v) in one batched forward
             h = FD_H * math.sqrt(noise[0].numel())
-            v = direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-            x_t = a4.sqrt() * latents + (1 - a4).sqrt() * noise  # Eq. 2
-            x_shift = a4.sqrt() * latents + (1 - a4).sqrt() * (noise + h * v)
-            with autocast:
-                eps_all = unet(torch.cat([x_t, x_shift]), torch.cat([t, t]), torch.cat([text, text])).float()
-            x0 = regularizer.predict_x0(x_t, eps_all[:b], abar)
-            x0_shift = regularizer.predict_x0(x_shift, eps_all[b:], abar)
+            v = direction[:n] / direction[:n].flatten(1).norm(dim=1).view(-1, 1, 1, 1)  # unit length
+            x_shift = abar[:n].sqrt() * latents[:n] + (1 - abar[:n]).sqrt() * (noise[:n] + h * v)  # Eq. 2
+            with attention.double_backward(False), autocast:
+                eps_all = unet(torch.cat([x_t, x_shift]), torch.cat([t, t[:n]]),
+                               torch.cat([text, text[:n]])).float()
+            eps = eps_all[:b]
+            x0 = regularizer.predict_x0(x_t[:n], eps[:n], abar[:n].flatten())
+            x0_shift = regularizer.predict_x0(x_shift, eps_all[b:], abar[:n].flatten())
             norms = regularizer.fd_variation_norm(x0, x0_shift, h, sigma)
-            loss = F.mse_loss(eps_all[:b], noise) + reg.penalty(norms)
-        loss.backward()
-        opt.step()
+        else:
+            eps = forward(x_t, slice(0, b))
+        loss = F.mse_loss(eps, noise)  # L_base of Eq. 14
+        if regularize:
+            loss = loss + mode["every"] * reg.penalty(norms)  # Eq. 14 with Eq. 9, lambda = 1, lazy: x k
+        return loss
+
+    def run():
+        for i in range(mode["every"]):
+            opt.zero_grad(set_to_none=True)
+            loss_of(regularize=mode["reg"] is not None and i == 0).backward()
+            opt.step()
     return run
 
 
 def measure(case, device):
-    """Run one case in this process -> dict with time (s, median) and memory (MiB)."""
+    """Run one case in this process -> dict with time (s, median, per optimizer step) and memory (MiB)."""
     torch.manual_seed(0)
+    steps = STEP_MODES[case["mode"]].get("every", 1) if case["kind"] == "step" else 1
     dtype = getattr(torch, case.get("dtype", "float32"))
     model, cfg = build(case, device)
     if case["kind"] == "step":
@@ -217,7 +255,7 @@ def measure(case, device):
         start = time.perf_counter()
         run()
         sync()
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / steps)
     _, peak = memory_now(device)
     return dict(case, time_s=statistics.median(times), times_s=times, peak_mb=peak, extra_mb=peak - base,
                 base_mb=base, threads=torch.get_num_threads())
@@ -256,9 +294,9 @@ def ratios(results):
 
 def print_table(rows):
     fmt = lambda x, spec: "-" if x is None else format(x, spec)
-    print(f"\n{'case':34} {'ratio':18} {'time s':>8} {'time x':>7} {'peak MiB':>9} {'mem x':>6}")
+    print(f"\n{'case':34} {'ratio':20} {'time s':>8} {'time x':>7} {'peak MiB':>9} {'mem x':>6}")
     for r in rows:
-        print(f"{r['case']:34} {r['what']:18} {r['time_s']:8.3f} {fmt(r['time_ratio'], '7.3f')} "
+        print(f"{r['case']:34} {r['what']:20} {r['time_s']:8.3f} {fmt(r['time_ratio'], '7.3f')} "
               f"{r['peak_mb']:9.0f} {fmt(r['mem_ratio'], '6.2f')}")
     print("mem x: peak RSS ratio for forwards; EXTRA peak (peak - memory before the step) ratio for steps.")
 
@@ -293,7 +331,7 @@ def main(argv=None):
         r = run_case(case, args.device)
         if r is not None:
             results.append(r)
-            print(f"  {r['name']:34} {r['impl']:9} {r.get('mode', ''):8} {r['time_s']:8.3f} s "
+            print(f"  {r['name']:34} {r['impl']:9} {r.get('mode', ''):11} {r['time_s']:8.3f} s "
                   f"peak {r['peak_mb']:7.0f} MiB extra {r['extra_mb']:7.0f} MiB", flush=True)
     rows = ratios(results)
     print_table(rows)
