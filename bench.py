@@ -23,6 +23,8 @@ it with /proc/self/clear_refs once the model is built) or torch.cuda.max_memory_
 ours/diffusers for forwards, regularized/plain for steps. Never run it alongside tests for timing.
 """
 import argparse
+import contextlib
+import ctypes
 import dataclasses
 import json
 import math
@@ -96,6 +98,10 @@ def reset_peak(device):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     else:
+        # Freed activations of the warm-up stay in glibc's heap (and in RSS) unless trimmed: without
+        # this, "memory before the step" would count the previous step's leftovers.
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
@@ -248,8 +254,8 @@ def measure(case, device):
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     run()  # warm-up (and AdamW state allocation)
     sync()
-    base, _ = memory_now(device)
     reset_peak(device)
+    base, _ = memory_now(device)
     times = []
     for _ in range(case["repeats"]):
         start = time.perf_counter()
