@@ -1,15 +1,16 @@
 """The paper's Tables 1-4 in miniature, on the toy world, by one command (Smooth Diffusion, Sec. 4).
 
-    python tables.py            # 9 LoRA runs + every evaluation; 2 CPU cores, well under an hour
+    python tables.py            # 17 LoRA runs + every evaluation; 2 CPU cores, under an hour
     python tables.py --quick    # the same pipeline with tiny step counts (a smoke test, minutes)
 
 What it does, in order, writing `OUT/results.json` and `OUT/tables.md` after every model it scores:
   * trains (in a background process, one after another) LoRAs on the tiny base `assets/toy-sd` with
     `train.py`, every run with the same data, steps and seed (`toy.TRAIN_DEFAULTS`), differing only in
     the flags of `RUNS`: lambda 0 (the honest control: the same fine-tune without the regularizer),
-    lambda 1 (Smooth-LoRA), lambda 0.1 and 10 (Table 3), rank 4 and 16 (Table 4), the cheaper
-    regularizer variants of train.py (fd, every 4th step, half the batch), and lambda 0 and 1 again
-    with another seed (how far fine-tuning alone moves ISTD);
+    lambda 1 (Smooth-LoRA), lambda 0.1, 10 and 100 (Table 3), rank 4 and 16 (Table 4), the cheaper
+    regularizer variants of train.py (fd, every 4th step, half the batch), a running mean a per
+    tenth of the timesteps at lambda 1, 10, 30 and 100 (not in the paper), and the control, lambda 1
+    and per-t lambda 30 again with another seed (how far fine-tuning alone moves ISTD);
   * Table 1: ISTD with the paper's protocol (Sec. 4.1) on the 24 held-out prompts
     (`toy.heldout_prompts()`, = assets/toy-heldout-prompts.txt): strip k uses prompt k mod 24 and the
     noise pair `sampler.noise_pair(seed + k)`, 11 frames along their slerp, DDIM 50 steps, CFG 7.5.
@@ -24,8 +25,8 @@ What it does, in order, writing `OUT/results.json` and `OUT/tables.md` after eve
   * Tables 3, 4 and the cheaper-variant table: ISTD and the proxies against the control;
   * figures: interpolation strips (the same noise pairs and prompts for every model) and an Eq. 15
     edit, "a large red circle" -> "a large blue circle".
-LoRA runs and evaluations are cached under `--cache` (keyed by the base model's and the LoRA's
-bytes and the protocol), so an interrupted command continues where it stopped when run again.
+LoRA runs and evaluations are cached under `--cache` (keyed by the flags, the training code, the base
+model's and the LoRA's bytes and the protocol), so an interrupted command continues where it stopped when run again.
 """
 import argparse
 import dataclasses
@@ -55,8 +56,14 @@ ROOT = Path(__file__).resolve().parent
 RUNS = {
     "control": dict(lambda_reg=0.0),
     "smooth": dict(lambda_reg=1.0),
+    # One running mean a per tenth of the timesteps (--reg-timestep-buckets, not in the paper).
+    "ts_lambda30": dict(lambda_reg=30.0, reg_timestep_buckets=10),
     "lambda10": dict(lambda_reg=10.0),
     "lambda0.1": dict(lambda_reg=0.1),
+    "lambda100": dict(lambda_reg=100.0),
+    "ts_lambda1": dict(lambda_reg=1.0, reg_timestep_buckets=10),
+    "ts_lambda10": dict(lambda_reg=10.0, reg_timestep_buckets=10),
+    "ts_lambda100": dict(lambda_reg=100.0, reg_timestep_buckets=10),
     "rank4": dict(lambda_reg=1.0, rank=4),
     "rank16": dict(lambda_reg=1.0, rank=16),
     "fd": dict(lambda_reg=1.0, reg_mode="fd"),
@@ -64,25 +71,34 @@ RUNS = {
     "half_batch": dict(lambda_reg=1.0, reg_batch_frac=0.5),
     "control_seed1": dict(lambda_reg=0.0, seed=1),  # another seed (data order, noises, LoRA init): how much
     "smooth_seed1": dict(lambda_reg=1.0, seed=1),  # does fine-tuning alone move ISTD?
+    "ts_lambda30_seed1": dict(lambda_reg=30.0, reg_timestep_buckets=10, seed=1),
 }
-REFERENCE = {"smooth_seed1": "control_seed1"}  # the control each model is paired with (default: "control")
+REFERENCE = {"smooth_seed1": "control_seed1", "ts_lambda30_seed1": "control_seed1"}  # the control each model is paired with (default: "control")
 LABELS = {"base": "base (no LoRA)", "control": "LoRA, lambda 0 (control)", "smooth": "Smooth-LoRA, lambda 1",
           "lambda10": "lambda 10", "lambda0.1": "lambda 0.1", "rank4": "rank 4", "rank16": "rank 16",
           "fd": "--reg-mode fd", "every4": "--reg-every 4", "half_batch": "--reg-batch-frac 0.5",
-          "control_seed1": "lambda 0, seed 1", "smooth_seed1": "lambda 1, seed 1"}
+          "control_seed1": "lambda 0, seed 1", "smooth_seed1": "lambda 1, seed 1", "lambda100": "lambda 100",
+          "ts_lambda1": "per-t a, lambda 1", "ts_lambda10": "per-t a, lambda 10",
+          "ts_lambda30": "per-t a, lambda 30", "ts_lambda100": "per-t a, lambda 100",
+          "ts_lambda30_seed1": "per-t a, lambda 30, seed 1"}
 TABLES = {  # table -> the models in its rows (the control is every table's reference)
-    "table1": ["base", "control", "smooth"],
-    "table3": ["control", "lambda0.1", "smooth", "lambda10"],
+    "table1": ["base", "control", "smooth", "ts_lambda30"],
+    "table3": ["control", "lambda0.1", "smooth", "lambda10", "lambda100"],
+    "timestep": ["control", "ts_lambda1", "ts_lambda10", "ts_lambda30", "ts_lambda100"],
     "table4": ["rank4", "smooth", "rank16"],
     "variants": ["smooth", "fd", "every4", "half_batch"],
-    "seeds": ["control", "smooth", "control_seed1", "smooth_seed1"],
+    "seeds": ["control", "smooth", "ts_lambda30", "control_seed1", "smooth_seed1", "ts_lambda30_seed1"],
 }
-RECONSTRUCTED = ["control", "smooth", "base"]  # Table 2's models, in the order they are scored
+RECONSTRUCTED = ["control", "smooth", "ts_lambda30", "base"]  # Table 2's models, in the order they are scored
 SHORT = {"base": "base", "control": "control (lambda 0)", "smooth": "Smooth-LoRA (lambda 1)",
-         "lambda10": "lambda 10"}  # row labels of the figures
+         "ts_lambda30": "per-t a, lambda 30"}  # row labels of the figures
+FIGURE_ROWS = ["base", "control", "smooth", "ts_lambda30"]
 EDIT_SOURCE = dict(shape="circle", colour="red", background="white", size="large", cx=16.0, cy=16.0, r=9.5,
                    colour_rgb=toy.COLOURS["red"], background_rgb=toy.COLOURS["white"])
 EDIT_TARGET_COLOUR = "blue"
+
+
+TRAINING_CODE = ("train.py", "regularizer.py", "lora.py", "attention.py", "unet.py")
 
 
 @dataclass
@@ -135,11 +151,13 @@ def train_flags(name, overrides=None):
 
 def train_run(name, model, data, cache, overrides=None, threads=1):
     """Train one LoRA with train.py in a subprocess, or reuse it: a run is cached when its
-    smooth_lora.safetensors exists and was made by the same flags from the same base UNet.
+    smooth_lora.safetensors exists and was made by the same flags, from the same base UNet, by the same
+    training code (TRAINING_CODE).
     Returns {"lora", "wall_s" (of the subprocess), "train_loop_s" (train.py's own clock), "cached"}."""
     out = Path(cache) / name
     args = ["--model", str(model), "--data", str(data), "--out", str(out), *train_flags(name, overrides)]
-    key = {"args": args, "base_unet": sha256(Path(model) / "unet" / "diffusion_pytorch_model.safetensors")}
+    key = {"args": args, "base_unet": sha256(Path(model) / "unet" / "diffusion_pytorch_model.safetensors"),
+           "code": {f: sha256(ROOT / f) for f in TRAINING_CODE}}  # a changed training step retrains
     record_path = out / "tables_run.json"
     if (out / "smooth_lora.safetensors").is_file() and record_path.is_file():
         record = json.loads(record_path.read_text())
@@ -370,17 +388,21 @@ def render_markdown(results):
             lines.append(f"| {LABELS[n]} | {e['colour']:.3f} | {e['caption']:.3f} |")
     lines.append("")
     lines += smooth_table("Table 3: regularization ratio lambda", TABLES["table3"])
+    lines += smooth_table("Per-timestep running mean a (--reg-timestep-buckets 10; not in the paper)",
+                          TABLES["timestep"])
+    lines[-1:-1] = ["Eq. 9 with one running mean a per tenth of the timesteps, so that the penalty evens out "
+                    "the norm across noises and directions at each t instead of fighting its growth with t."]
     lines += smooth_table("Table 4: LoRA rank (lambda 1)", TABLES["table4"])
     lines += smooth_table("Cheaper regularizer variants (lambda 1; issue 7)", TABLES["variants"],
                           extra=("train wall time", train_time))
     lines += smooth_table("Seed check: the same two runs with another seed", TABLES["seeds"])
     lines[-1:-1] = ["lambda 0, seed 1 is paired with the seed-0 control (what fine-tuning alone does to ISTD); "
-                    "lambda 1, seed 1 with lambda 0, seed 1 (the regularizer's effect at another seed)."]
+                    "the other seed-1 rows with lambda 0, seed 1 (the regularizer's effect at another seed)."]
     prompts = results.get("prompts", [])
     lines += ["### Figures", "",
               "![interpolation strips](interpolation.png)", "",
               "Interpolation strips (11 frames, slerp mix 0 to 1), the same noise pair and prompt for every "
-              "model in a block; rows " + ", ".join(SHORT[n] for n in TABLES["table1"] + ["lambda10"]) +
+              "model in a block; rows " + ", ".join(SHORT[n] for n in FIGURE_ROWS) +
               "; blocks 1-3 are strips 0-2 of Table 1: " +
               "; ".join(f'{k + 1}: "{prompts[k % len(prompts)]}"' for k in range(min(3, len(prompts)))) + ".", "",
               "![Eq. 15 edit](edit.png)", "",
@@ -420,7 +442,7 @@ def save_figures(out, strips, edits):
     """interpolation.png: the first strips of each Table 1 model (same noises and prompt per block);
     edit.png: source | NTI reconstruction | Eq. 15 edit, per model."""
     written = []
-    names = [n for n in TABLES["table1"] + ["lambda10"] if n in strips]
+    names = [n for n in FIGURE_ROWS if n in strips]
     if names:
         rows = [(f"{k + 1}: {SHORT[n]}", strips[n][k]) for k in range(min(3, len(strips[names[0]]))) for n in names]
         _labelled_grid(rows).quantize(256).save(out / "interpolation.png")  # a palette PNG: small
@@ -539,9 +561,9 @@ def main(argv=None):
               flush=True)
 
     # Table 1 and 2 first (the paper's claim), then the ablations; the base's reconstruction last.
-    todo = [(score, "base"), (score, "control"), (reconstruction, "control"), (score, "smooth"),
-            (reconstruction, "smooth")] + [(score, n) for n in RUNS if n not in ("control", "smooth")] + \
-           [(reconstruction, "base")]
+    first = ["control", "smooth", "ts_lambda30"]
+    todo = [(score, "base")] + [(task, n) for n in first for task in (score, reconstruction)] + \
+           [(score, n) for n in RUNS if n not in first] + [(reconstruction, "base")]
     for task, name in todo:
         lora_path, lora_key = lora_of(name)
         task(name, load(args.model, lora_path), {"protocol": protocol, "base": base_key, "lora": lora_key})
