@@ -140,3 +140,23 @@ def test_train_py_without_arguments_trains_the_toy_smooth_lora_and_reports(tmp_p
     assert (tmp_path / "run" / "interpolation_before_after.png").is_file()
     result = calls[0]
     assert np.isfinite(result["base"]["istd"]) and np.isfinite(result["lora"]["istd"])
+
+
+def test_pretrain_is_seeded_byte_for_byte_and_writes_a_loadable_model(tmp_path, monkeypatch):
+    """`python toy.py pretrain` at a tiny size, twice: identical files (the full-size command reproduced
+    the committed assets/toy-sd byte for byte, 27 min on CPU), loadable like SD-1.5."""
+    import checkpoint
+
+    monkeypatch.setattr(toy_metrics, "train_classifier", lambda seed: None)  # its own test is above
+    monkeypatch.setattr(toy_metrics, "save_classifier", lambda model: None)
+    monkeypatch.setattr(toy, "HELDOUT_PROMPTS", tmp_path / "prompts.txt")
+    cfg = toy.PretrainConfig(images=64, vae_steps=3, vae_batch=8, unet_steps=3, unet_batch=8, warmup=1)
+    toy.pretrain(tmp_path / "a", cfg)
+    toy.pretrain(tmp_path / "b", cfg)
+    files = sorted(f.relative_to(tmp_path / "a") for f in (tmp_path / "a").rglob("*") if f.is_file())
+    assert len([f for f in files if f.suffix == ".safetensors"]) == 3  # unet, vae, text encoder
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    models = checkpoint.load_models(tmp_path / "a")
+    images = toy.generate(models, ["a small red circle on a blue background"], steps=2)
+    assert images.shape == (1, 3, toy.RESOLUTION, toy.RESOLUTION) and torch.isfinite(images).all()
