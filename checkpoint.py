@@ -272,8 +272,10 @@ def load_models(path, tokenizer=None, device="cpu", dtype=torch.float32, config=
         else:
             configs = _read_configs(None if config is None else Path(config))
         unet_sd, vae_sd, text_sd = compvis_to_diffusers(read_state_dict(path), configs["unet"], configs["vae"])
-    unet = _load_weights(UNet.from_config(configs["unet"]), unet_sd, "unet", path)
-    vae = _load_weights(VAE.from_config(configs["vae"]), vae_sd, "vae", path)
+    with torch.device("meta"):  # shapes only: a random init of 860M weights would take half a minute
+        unet, vae = UNet.from_config(configs["unet"]), VAE.from_config(configs["vae"])
+    unet = _load_weights(unet, unet_sd, "unet", path)
+    vae = _load_weights(vae, vae_sd, "vae", path)
     text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]))
     text_encoder = _load_weights(text_encoder, _text_keys(text_sd, text_encoder.state_dict()), "text_encoder", path)
     models = Models(unet, vae, text_encoder, tokenizer, dict(configs["scheduler"]))
@@ -349,7 +351,8 @@ def _load_weights(model, sd, name, path):
             raise ValueError(f"{path}: {name} weight {k} has shape {list(v.shape)} in the checkpoint but "
                              f"{list(expected[k].shape)} in the model: a checkpoint of another architecture? "
                              "Pass the configs that match it.")
-    model.load_state_dict(sd)
+    meta = any(t.is_meta for t in expected.values())
+    model.load_state_dict(sd, assign=meta)  # a model built on "meta" takes the loaded tensors themselves
     return model
 
 
