@@ -18,6 +18,9 @@ the backward itself is recorded. Code that will double-backward runs its forward
 Cross-attention to a few keys (77 text tokens) keeps the math path: its matrix is small, and there
 the math path is faster.
 
+Convolutions get the same treatment (`conv2d`, `DoubleBackwardConv2d`): PyTorch can differentiate its
+convolution backward, but does needless work there; ours writes the backward with ordinary ops.
+
 `python -m pytest -q tests/test_attention.py` checks both derivatives against the math path
 (float64 gradcheck / gradgradcheck).
 """
@@ -175,3 +178,45 @@ def attention(q, k, v, chunk=None):
             return math_attention(q, k, v)
         return DoubleBackwardAttention.apply(q, k, v, chunk or CHUNK)
     return F.scaled_dot_product_attention(q, k, v)
+
+
+# ------------------------------------------------------------------------------------ convolutions
+
+class DoubleBackwardConv2d(torch.autograd.Function):
+    """conv2d (dilation 1, groups 1) whose backward is written with ordinary ops.
+
+    The input gradient is the transposed convolution of the output gradient with the weight: linear
+    in it and independent of the input, so its own derivative is one ordinary convolution. PyTorch's
+    derivative of its fused convolution backward (ConvolutionBackwardBackward0) also ran convolutions
+    of weight-gradient shape for frozen weights: with it the SD-1.5 + LoRA regularized step (32x32,
+    batch 1, 1 CPU thread) took 12.3 s against 3.9 s for a plain step; with this, 8.6 s.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding):
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.padding, ctx.has_bias = stride, padding, bias is not None
+        return F.conv2d(x, weight, bias, stride, padding)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        stride, padding = ctx.stride, ctx.padding
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            # A strided convolution maps several input sizes to one output size: pad back to x's.
+            extra = [x.shape[d] - ((grad_out.shape[d] - 1) * stride[d - 2] - 2 * padding[d - 2] + weight.shape[d])
+                     for d in (2, 3)]
+            grad_x = F.conv_transpose2d(grad_out, weight, None, stride, padding, extra)
+        if ctx.needs_input_grad[1]:  # a trained convolution (full fine-tuning); differentiable too
+            grad_weight = torch.nn.grad.conv2d_weight(x, weight.shape, grad_out, stride, padding)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_out.sum((0, 2, 3))
+        return grad_x, grad_weight, grad_bias, None, None
+
+
+def conv2d(x, weight, bias=None, stride=(1, 1), padding=(0, 0)):
+    """F.conv2d; inside `double_backward()` with grad enabled, through `DoubleBackwardConv2d`."""
+    if _double_backward.get() and torch.is_grad_enabled():
+        return DoubleBackwardConv2d.apply(x, weight, bias, tuple(stride), tuple(padding))
+    return F.conv2d(x, weight, bias, stride, padding)

@@ -3,8 +3,8 @@
 Architecture and parameter names are those of diffusers' `UNet2DConditionModel`, so a diffusers
 `unet/diffusion_pytorch_model.safetensors` loads with `load_state_dict(strict=True)`. The paper
 (Smooth Diffusion, Sec. 3-4) fine-tunes this network with LoRA; the regularizer (Eq. 9/10) needs a
-gradient of its gradient, so attention goes through `attention.attention` and gradient
-checkpointing keeps that double backward working.
+gradient of its gradient, so attention and convolutions go through `attention.py` (fused forward,
+a backward that can be differentiated cheaply) and gradient checkpointing keeps that working.
 
     unet = UNet()                                   # SD-1.5, random weights
     eps = unet(latents, t, text_embeddings)         # [B,4,H,W], int/0-d/[B] t, [B,77,768]
@@ -136,6 +136,13 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters) whose double backward is cheap: see `attention.conv2d`."""
+
+    def forward(self, x):
+        return attention.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+
+
 class ResnetBlock2D(nn.Module):
     """GN-SiLU-conv, + time embedding, GN-SiLU-conv, + shortcut. temb_channels=None: no time input (VAE)."""
 
@@ -143,11 +150,11 @@ class ResnetBlock2D(nn.Module):
                  output_scale_factor=1.0):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         self.output_scale_factor = output_scale_factor
 
     def forward(self, x, temb=None):
@@ -228,10 +235,10 @@ class Transformer2DModel(nn.Module):
     def __init__(self, channels, heads, cross_attention_dim, groups=32):
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(channels, channels, 1)  # conv, since use_linear_projection is false
+        self.proj_in = Conv2d(channels, channels, 1)  # conv, since use_linear_projection is false
         self.transformer_blocks = nn.ModuleList(
             [BasicTransformerBlock(channels, heads, channels // heads, cross_attention_dim)])
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, x, context):
         B, C, H, W = x.shape
@@ -246,7 +253,7 @@ class Downsample2D(nn.Module):
     def __init__(self, channels, padding=1):
         super().__init__()
         self.padding = padding
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x):
         if self.padding == 0:  # the VAE's asymmetric padding: one row/column at the bottom/right
@@ -257,7 +264,7 @@ class Downsample2D(nn.Module):
 class Upsample2D(nn.Module):
     def __init__(self, channels):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x, size=None):
         # nearest x2, or to the skip's size when a side was odd on the way down
@@ -305,7 +312,7 @@ class UNet(nn.Module):
             raise ValueError(f"down_block_types, up_block_types and block_out_channels need one entry per "
                              f"level; got {len(cfg.down_block_types)}, {len(cfg.up_block_types)}, {len(chs)}")
         temb = chs[0] * 4
-        self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, chs[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(chs[0], temb)
 
         self.down_blocks = nn.ModuleList()
@@ -329,7 +336,7 @@ class UNet(nn.Module):
             prev = chs[level]
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, chs[0], eps=cfg.norm_eps)
-        self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(chs[0], cfg.out_channels, 3, padding=1)
         self.gradient_checkpointing = False
 
     @classmethod

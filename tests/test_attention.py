@@ -135,3 +135,56 @@ def test_half_precision_inputs_run_and_stay_close_to_float32():
     for a, b in zip(half[1] + half[2], ref[1] + ref[2]):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b, rtol=0.1, atol=0.1 * b.abs().max().item())
+
+
+# ------------------------------------------------------------------------------------ convolutions
+
+CONV_CASES = [  # (in, out, kernel, stride, padding, side): 3x3, 1x1, strided with even and odd sides
+    (3, 4, 3, 1, 1, 5), (3, 4, 1, 1, 0, 4), (2, 3, 3, 2, 1, 6), (2, 3, 3, 2, 1, 7), (2, 2, 3, 2, 0, 7)]
+
+
+@pytest.mark.parametrize("c_in, c_out, kernel, stride, padding, side", CONV_CASES)
+@pytest.mark.parametrize("trained_weight", [False, True])
+def test_conv_gradcheck_and_gradgradcheck(c_in, c_out, kernel, stride, padding, side, trained_weight):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, c_in, side, side, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(c_out, c_in, kernel, kernel, generator=g, dtype=torch.float64, requires_grad=trained_weight)
+    b = torch.randn(c_out, generator=g, dtype=torch.float64, requires_grad=trained_weight)
+    f = lambda x, w, b: attention.DoubleBackwardConv2d.apply(x, w, b, (stride, stride), (padding, padding))
+    torch.testing.assert_close(f(x, w, b), F.conv2d(x, w, b, stride, padding))
+    assert gradcheck(f, (x, w, b))
+    assert gradgradcheck(f, (x, w, b))
+
+
+def test_conv_double_backward_equals_pytorchs_on_the_regularizer_pattern():
+    """grad of ||grad_x <conv(x), u>|| w.r.t. a trained weight upstream, as Eq. 10 needs, both ways."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 8, 8, generator=g, requires_grad=True)
+    w1 = torch.randn(4, 3, 3, 3, generator=g, requires_grad=True)  # trained, like a LoRA upstream
+    w2 = torch.randn(4, 4, 3, 3, generator=g)  # frozen
+    u = torch.randn(2, 4, 4, 4, generator=g)
+
+    def penalty(double_backward):
+        with attention.double_backward(double_backward):
+            h = attention.conv2d(x, w1, None, (1, 1), (1, 1)).tanh()
+            y = attention.conv2d(h, w2, None, (2, 2), (1, 1))
+        (grad_x,) = torch.autograd.grad((y * u).sum(), x, create_graph=True)
+        return torch.autograd.grad(grad_x.norm(), w1)[0]
+
+    torch.testing.assert_close(penalty(True), penalty(False), rtol=1e-5, atol=1e-6)
+
+
+def test_unet_conv_switches_path_only_inside_double_backward(monkeypatch):
+    from unet import Conv2d
+    conv, calls = Conv2d(2, 3, 3, padding=1), []
+    monkeypatch.setattr(attention.DoubleBackwardConv2d, "apply",
+                        lambda *a: calls.append(1) or F.conv2d(*a[:3], a[3], a[4]))
+    x = torch.randn(1, 2, 4, 4)
+    conv(x)
+    with attention.double_backward(), torch.no_grad():
+        conv(x)
+    assert calls == []
+    with attention.double_backward():
+        out = conv(x)
+    assert calls == [1]
+    torch.testing.assert_close(out, F.conv2d(x, conv.weight, conv.bias, 1, 1))
