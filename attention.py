@@ -195,7 +195,7 @@ class DoubleBackwardConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding):
         ctx.save_for_backward(x, weight)
-        ctx.stride, ctx.padding, ctx.has_bias = stride, padding, bias is not None
+        ctx.stride, ctx.padding = stride, padding
         return F.conv2d(x, weight, bias, stride, padding)
 
     @staticmethod
@@ -210,7 +210,7 @@ class DoubleBackwardConv2d(torch.autograd.Function):
             grad_x = F.conv_transpose2d(grad_out, weight, None, stride, padding, extra)
         if ctx.needs_input_grad[1]:  # a trained convolution (full fine-tuning); differentiable too
             grad_weight = torch.nn.grad.conv2d_weight(x, weight.shape, grad_out, stride, padding)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2]:  # False when there is no bias
             grad_bias = grad_out.sum((0, 2, 3))
         return grad_x, grad_weight, grad_bias, None, None
 

@@ -37,8 +37,8 @@ LAYERS = {
 }
 POOL = {"alex": 3, "vgg": 2}
 TAPS = {"alex": (1, 4, 7, 9, 11), "vgg": (3, 8, 15, 22, 29)}  # conv1..conv5 (alex), relu{1_2..5_3} (vgg)
-# The fixed input normalisation of LPIPS v0.1, for images in [-1, 1].
 MIN_SIZE = {"alex": 31, "vgg": 16}  # smallest side whose last tap is not empty
+# The fixed input normalisation of LPIPS v0.1, for images in [-1, 1].
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
 

@@ -139,12 +139,16 @@ class StepwiseVariationRegularizer(nn.Module):
         self.register_buffer("a", torch.zeros((timestep_buckets,) if timestep_buckets > 1 else (),
                                               dtype=torch.float32))
 
-    def buckets(self, timesteps):
+    def buckets(self, norms, timesteps):
+        """Each sample's index into a.view(-1): its range of timesteps, or 0 for the single a."""
+        if self.a.ndim == 0:
+            return torch.zeros_like(norms, dtype=torch.long)
+        if timesteps is None:
+            raise ValueError("a per-timestep running mean needs the samples' timesteps: penalty(norms, t)")
         return (timesteps.long() * self.a.numel() // self.num_train_timesteps).clamp(0, self.a.numel() - 1)
 
-    def _update(self, norms, timesteps):
+    def _update(self, norms, bucket):
         """a <- a + decay (mean(norms) - a), per bucket; one a for the whole run across ranks."""
-        bucket = self.buckets(timesteps) if self.a.ndim else torch.zeros_like(norms, dtype=torch.long)
         sums = torch.zeros(self.a.numel(), device=norms.device).index_add_(0, bucket, norms.detach().float())
         counts = torch.zeros_like(sums).index_add_(0, bucket, torch.ones_like(sums[bucket]))
         means, ranks = sums / counts.clamp(min=1), (counts > 0).float()
@@ -160,16 +164,14 @@ class StepwiseVariationRegularizer(nn.Module):
     def penalty(self, norms, timesteps=None):
         """norms: [B] (variation_norm or fd_variation_norm), timesteps: [B] (needed with buckets)
         -> scalar loss. Updates `a` in training mode."""
-        if self.a.ndim and timesteps is None:
-            raise ValueError("a per-timestep running mean needs the samples' timesteps: penalty(norms, t)")
+        bucket = self.buckets(norms, timesteps)
         if self.training:
             with torch.no_grad():
-                self._update(norms, timesteps)
+                self._update(norms, bucket)
         # The official code (like rosinality's StyleGAN2) uses the updated a without detaching it
         # within the step, which sends a gradient of relative size `decay` through the mean; we
         # detach it (a is a buffer), a negligible difference at decay 0.01.
-        a = self.a[self.buckets(timesteps)] if self.a.ndim else self.a
-        return ((norms - a) ** 2).mean()  # Eq. 9
+        return ((norms - self.a.view(-1)[bucket]) ** 2).mean()  # Eq. 9
 
     def forward(self, x0_pred, noise, sigma, direction=None, timesteps=None):
         """Eq. 9 with the Eq. 10 norm; arguments as in `variation_norm`."""

@@ -378,7 +378,7 @@ def interpolation_strips(unet, vae, encode_prompt, prompts, latent_shape=(4, 64,
 
     Fixed seeds per strip let two models be compared on the same pairs, and any subset of prompts
     is reproducible. `batch` strips (x frames) go through the UNet together: the result is that of
-    `interpolate` strip by strip up to float summation order (~1e-6 relative on ISTD).
+    `interpolate` strip by strip up to float summation order (measured: 1.2e-5 relative on ISTD).
     """
     uncond = encode_prompt([""])
     strips = []
@@ -664,13 +664,10 @@ def main(argv=None):
 
     lpips_model = None
     if getattr(args, "lpips_weights", None):  # before the long inversion: bad files fail at once
-        for path in args.lpips_weights:
-            if not Path(path).is_file():
-                raise SystemExit(f"error: --lpips-weights file not found: {path}")
         try:
             lpips_model = perceptual.load_lpips(args.lpips_weights, device=args.device)
-        except ValueError as error:
-            raise SystemExit(f"error: {error}") from None
+        except (ValueError, FileNotFoundError) as error:
+            raise SystemExit(f"error: --lpips-weights: {error}") from None
     models, schedule, size, latent_shape = _load(args)
     out.mkdir(parents=True, exist_ok=True)
     unet, vae, device = models.unet, models.vae, torch.device(args.device)

@@ -73,7 +73,8 @@ RUNS = {
     "smooth_seed1": dict(lambda_reg=1.0, seed=1),  # does fine-tuning alone move ISTD?
     "ts_lambda30_seed1": dict(lambda_reg=30.0, reg_timestep_buckets=10, seed=1),
 }
-REFERENCE = {"smooth_seed1": "control_seed1", "ts_lambda30_seed1": "control_seed1"}  # the control each model is paired with (default: "control")
+# The control each model is paired with (default: "control").
+REFERENCE = {"smooth_seed1": "control_seed1", "ts_lambda30_seed1": "control_seed1"}
 LABELS = {"base": "base (no LoRA)", "control": "LoRA, lambda 0 (control)", "smooth": "Smooth-LoRA, lambda 1",
           "lambda10": "lambda 10", "lambda0.1": "lambda 0.1", "rank4": "rank 4", "rank16": "rank 16",
           "fd": "--reg-mode fd", "every4": "--reg-every 4", "half_batch": "--reg-batch-frac 0.5",
