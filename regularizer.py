@@ -59,6 +59,22 @@ def predict_x0(x_t, eps_pred, alpha_bar):
     return (x_t - (1 - abar).sqrt() * eps_pred) / abar.sqrt()
 
 
+def identity_path_scale(alpha_bar):
+    """sigma_t^2 / sqrt(abar_t): the part of the Eq. 10 norm that the timestep alone fixes.
+
+    With x_t = sqrt(abar) x0 + sigma eps and D = d eps_theta / d x_t, the Jacobian of Eq. 10 is
+    J = d x0_hat / d eps = (sigma / sqrt(abar)) (I - sigma D), so
+
+        sigma ||J^T u|| = (sigma^2 / sqrt(abar)) ||(I - sigma D)^T u||.
+
+    The factor in front grows ~17,000x from t = 0 to t = 999 on SD's schedule, whatever the model.
+    Dividing the norm by it (`--reg-normalize analytic`, not in the paper) leaves the part the model
+    controls: ||(I - sigma D)^T u||, which is 1 for a model that ignores x_t (D = 0).
+    """
+    abar = torch.as_tensor(alpha_bar)
+    return (1 - abar) / abar.sqrt()
+
+
 def random_unit_direction(like, generator=None):
     """A Gaussian direction per sample, scaled to unit length per sample (the paper's Delta x0_hat)."""
     d = torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
@@ -131,11 +147,15 @@ class StepwiseVariationRegularizer(nn.Module):
     single `a` mostly penalises that profile instead of the spread across directions and noises that
     Eq. 8 is about. Each bucket starts from the first mean it sees (not 0: a bucket is updated in only
     some steps, and a slow climb from 0 would dominate a short fine-tune).
+
+    relative=True (not in the paper) penalises (norm / a - 1)^2 instead of (norm - a)^2: the spread
+    in units of the running mean, so that every range of t weighs the same. With (norm - a)^2 the
+    buckets of large t, whose norms are hundreds of times larger, make up nearly all of the loss.
     """
 
-    def __init__(self, decay=0.01, timestep_buckets=1, num_train_timesteps=1000):
+    def __init__(self, decay=0.01, timestep_buckets=1, num_train_timesteps=1000, relative=False):
         super().__init__()
-        self.decay, self.num_train_timesteps = decay, num_train_timesteps
+        self.decay, self.num_train_timesteps, self.relative = decay, num_train_timesteps, relative
         self.register_buffer("a", torch.zeros((timestep_buckets,) if timestep_buckets > 1 else (),
                                               dtype=torch.float32))
 
@@ -157,7 +177,7 @@ class StepwiseVariationRegularizer(nn.Module):
             dist.all_reduce(ranks)
         a, seen = self.a.view(-1), ranks > 0
         rate = torch.full_like(a, self.decay)
-        if self.a.ndim:
+        if self.a.ndim or self.relative:
             rate[a == 0] = 1.0  # a bucket's first mean starts it (the norms are > 0)
         a[seen] += rate[seen] * (means[seen] / ranks[seen] - a[seen])
 
@@ -171,11 +191,14 @@ class StepwiseVariationRegularizer(nn.Module):
         # The official code (like rosinality's StyleGAN2) uses the updated a without detaching it
         # within the step, which sends a gradient of relative size `decay` through the mean; we
         # detach it (a is a buffer), a negligible difference at decay 0.01.
-        return ((norms - self.a.view(-1)[bucket]) ** 2).mean()  # Eq. 9
+        a = self.a.view(-1)[bucket]
+        if self.relative:  # Eq. 9 on the norm measured in units of its running mean
+            return ((norms / a - 1) ** 2).mean()
+        return ((norms - a) ** 2).mean()  # Eq. 9
 
     def forward(self, x0_pred, noise, sigma, direction=None, timesteps=None):
         """Eq. 9 with the Eq. 10 norm; arguments as in `variation_norm`."""
         return self.penalty(variation_norm(x0_pred, noise, sigma, direction), timesteps)
 
     def extra_repr(self):
-        return f"decay={self.decay}, timestep_buckets={self.a.numel()}"
+        return f"decay={self.decay}, timestep_buckets={self.a.numel()}, relative={self.relative}"

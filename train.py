@@ -74,6 +74,7 @@ class TrainConfig:
     reg_every: int = 1  # regularize every k-th step, loss scaled by k (paper: 1 = every step)
     reg_decay: float = 0.01  # running-mean decay per regularized step (official code), 1-(1-d)^k if lazy
     reg_timestep_buckets: int = 1  # running means of the norm, one per range of t (paper: 1, a single a)
+    reg_normalize: str = "none"  # none = Eq. 9 as in the paper; analytic / relative: see regularizer.py
     reg_mode: str = "vjp"  # vjp = Eq. 10 (paper, double backward); fd = finite difference
     reg_batch_frac: float = 1.0  # regularize the first ceil(f * B) samples of each micro-batch (f < 1:
     # the result then depends on the per-process batch size, not only on the global batch)
@@ -113,6 +114,9 @@ def parse_args(argv):
     p.add_argument("--reg-timestep-buckets", type=int, default=d.reg_timestep_buckets,
                    help="keep one running mean a per range of 1000/N timesteps (not in the paper: the norm's "
                         "scale depends strongly on t); 1 = the paper's single a")
+    p.add_argument("--reg-normalize", choices=("none", "analytic", "relative"), default=d.reg_normalize,
+                   help="none: Eq. 9 as in the paper; analytic: divide the norm by sigma^2/sqrt(abar_t) "
+                        "(regularizer.identity_path_scale); relative: penalise (norm / a - 1)^2 (not in the paper)")
     p.add_argument("--reg-mode", choices=("vjp", "fd"), default=d.reg_mode,
                    help="vjp: Eq. 10 by double backward (paper); fd: finite difference, two forwards")
     p.add_argument("--reg-batch-frac", type=float, default=d.reg_batch_frac,
@@ -234,6 +238,8 @@ def micro_step(cfg, unet, models, reg, batch, alphas_cumprod, regularize, device
     if not regularize:
         zero = loss_base.new_zeros(())
         return loss_base, loss_base.detach(), zero, zero
+    if cfg.reg_normalize == "analytic":  # leaves ||(I - sigma D)^T u||, see regularizer.identity_path_scale
+        norms = norms / regularizer.identity_path_scale(abar[:n].flatten())
     loss_reg = reg.penalty(norms, t[:n])  # Eq. 9 (updates the running mean a, averaged over ranks)
     loss = loss_base + cfg.lambda_reg * cfg.reg_every * loss_reg  # Eq. 14, lazy: scaled by k
     return loss, loss_base.detach(), loss_reg.detach(), norms.detach().mean()
@@ -342,7 +348,8 @@ def main(argv=None):
     unet.train()
     # Lazy regularization updates a only every k-th step: compound the decay so that a keeps pace.
     reg = regularizer.StepwiseVariationRegularizer(decay=1 - (1 - cfg.reg_decay) ** cfg.reg_every,
-                                                   timestep_buckets=cfg.reg_timestep_buckets).to(device).train()
+                                                   timestep_buckets=cfg.reg_timestep_buckets,
+                                                   relative=cfg.reg_normalize == "relative").to(device).train()
     optimizer = torch.optim.AdamW(lora_params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from lora import lora_layers
-from regularizer import (StepwiseVariationRegularizer, fd_variation_norm, predict_x0,
+from regularizer import (StepwiseVariationRegularizer, fd_variation_norm, identity_path_scale, predict_x0,
                          random_unit_direction, variation_norm)
 
 DT = torch.float64
@@ -161,6 +161,50 @@ def test_per_timestep_running_means_start_at_their_first_mean_and_follow_eq9_per
     resumed = StepwiseVariationRegularizer(decay=0.1, timestep_buckets=4)
     resumed.load_state_dict(reg.state_dict())
     torch.testing.assert_close(resumed.a, want)
+
+
+def test_identity_path_scale_leaves_the_norm_of_i_minus_sigma_d_at_every_t():
+    """A linear 'UNet' eps_theta(x_t) = M_b x_t (D = M_b) through the real x_t(eps) and x0_hat: the Eq. 10
+    norm is sigma^2 / sqrt(abar) ||(I - sigma M)^T u||, with a different abar (t) per sample."""
+    g = torch.Generator().manual_seed(11)
+    B, n = 3, 6
+    M = 0.3 * torch.randn(B, n, n, generator=g, dtype=DT)
+    abar = torch.tensor([0.999, 0.5, 0.005], dtype=DT)  # t near 0, mid, near T
+    sigma = (1 - abar).sqrt()
+    x0 = torch.randn(B, n, generator=g, dtype=DT)
+    noise = torch.randn(B, n, generator=g, dtype=DT, requires_grad=True)
+    u = random_unit_direction(torch.empty(B, n, dtype=DT), generator=g)
+    x_t = abar.sqrt()[:, None] * x0 + sigma[:, None] * noise  # Eq. 2
+    eps_pred = torch.einsum("bij,bj->bi", M, x_t)
+    x0_pred = (x_t - sigma[:, None] * eps_pred) / abar.sqrt()[:, None]
+    norms = variation_norm(x0_pred, noise, sigma, u)
+    scale = identity_path_scale(abar)
+    torch.testing.assert_close(scale, sigma ** 2 / abar.sqrt(), rtol=1e-14, atol=0)
+    i_minus_sigma_d = torch.eye(n, dtype=DT) - sigma[:, None, None] * M
+    want = torch.einsum("bji,bj->bi", i_minus_sigma_d, u).norm(dim=1)  # ||(I - sigma D)^T u||
+    torch.testing.assert_close(norms / scale, want, rtol=1e-10, atol=0)
+    # The factor alone spans four orders of magnitude over SD's schedule; a model ignoring x_t (D = 0) gives 1.
+    assert identity_path_scale(torch.tensor(0.0047)) / identity_path_scale(torch.tensor(0.99915)) > 1e4
+    ones = variation_norm(x_t / abar.sqrt()[:, None], noise, sigma, u) / scale
+    torch.testing.assert_close(ones, torch.ones(B, dtype=DT), rtol=1e-12, atol=0)
+
+
+def test_relative_penalty_is_eq9_in_units_of_each_buckets_running_mean():
+    reg = StepwiseVariationRegularizer(decay=0.1, timestep_buckets=2, relative=True)
+    loss = reg.penalty(torch.tensor([1.0, 3.0, 100.0]), torch.tensor([10, 20, 900]))
+    torch.testing.assert_close(reg.a, torch.tensor([2.0, 100.0]))  # first means
+    assert loss.item() == pytest.approx(((1 / 2 - 1) ** 2 + (3 / 2 - 1) ** 2 + 0.0) / 3)
+    norms = torch.tensor([4.0, 80.0], requires_grad=True)
+    loss = reg.penalty(norms, torch.tensor([0, 999]))
+    a = torch.tensor([2.0 + 0.1 * (4.0 - 2.0), 100.0 + 0.1 * (80.0 - 100.0)])
+    torch.testing.assert_close(reg.a, a)
+    assert loss.item() == pytest.approx(((4 / a[0] - 1) ** 2 + (80 / a[1] - 1) ** 2).item() / 2)
+    # A large-t deviation weighs no more than the same relative deviation at small t.
+    (grad,) = torch.autograd.grad(loss, norms)
+    torch.testing.assert_close(grad, 2 * (norms.detach() / a - 1) / a / 2)
+    single = StepwiseVariationRegularizer(decay=0.1, relative=True)  # a single a starts at its first mean too
+    single.penalty(torch.tensor([3.0, 5.0]))
+    assert single.a.item() == pytest.approx(4.0)
 
 
 def test_forward_is_the_penalty_of_the_eq10_norm():
