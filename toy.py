@@ -178,8 +178,13 @@ UNET_CONFIG = dict(  # SD-1.x topology: cross-attention in every level but the l
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     attention_head_dim=4, cross_attention_dim=64, norm_num_groups=16)  # attention_head_dim = 4 heads (SD-1.x quirk)
-TEXT_CONFIG = dict(  # CLIP's text tower, 64 wide and 2 layers deep; 77 positions as in SD
-    hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+# CLIP's text tower, 64 wide, 77 positions as in SD, with NO transformer layer: each token's output is its
+# embedding plus its position's (then the final layer norm). With causal self-attention, the 68 padding
+# tokens after a caption each encode the whole caption, and they hold most of the UNet's cross-attention:
+# a base with 2 layers drew every training caption right but the wrong shape for a third of the held-out
+# ones (an unseen shape-colour-background triple). Without layers the caption's words stay separate keys.
+TEXT_CONFIG = dict(
+    hidden_size=64, intermediate_size=256, num_hidden_layers=0, num_attention_heads=4,
     max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 
 
@@ -191,7 +196,7 @@ class PretrainConfig:
     vae_batch: int = 32
     vae_lr: float = 2e-3
     kl_weight: float = 1e-6  # on the mean KL per latent element, against the mean squared error per pixel
-    unet_steps: int = 2000
+    unet_steps: int = 3000  # (with EMA 0.999 a 1000-step base was still blurry: shape right in 2/3 of samples)
     unet_batch: int = 128
     unet_lr: float = 1e-3  # UNet and text encoder, AdamW, linear warm-up then cosine decay to 10%
     warmup: int = 100
@@ -407,45 +412,97 @@ TRAIN_DEFAULTS = dict(resolution=RESOLUTION, batch_size=16, grad_accum=1, max_st
                       save_every=100, lambda_reg=1.0, rank=8, num_workers=0)
 
 
-def report(model_path, lora_path, out_dir, prompts=6, steps=50, guidance=7.5, seed=0):
-    """Before/after of a LoRA on the held-out prompts: ISTD (Sec. 4.1 protocol, same noise pairs) and
-    caption accuracy of the frames, printed and written to OUT/report.json; the first prompt's
-    interpolation strip, base above and base + LoRA below, in OUT/interpolation_before_after.png."""
+def labelled_grid(rows, scale=2, label_width=150):
+    """rows: [(label, images [N, 3, H, W] in [0, 1])] -> one PIL image, a text label left of each row,
+    every frame enlarged `scale` times (nearest neighbour: the pixels stay visible)."""
+    strips = [np.concatenate(list((im.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)), axis=1)
+              for _, im in rows]
+    h, w = strips[0].shape[0] * scale, max(s.shape[1] for s in strips) * scale
+    canvas = Image.new("RGB", (label_width + w, h * len(rows)), (255, 255, 255))
+    pen = ImageDraw.Draw(canvas)
+    for i, ((label, _), strip) in enumerate(zip(rows, strips)):
+        image = Image.fromarray(strip).resize((strip.shape[1] * scale, h), Image.NEAREST)
+        canvas.paste(image, (label_width, i * h))
+        pen.text((4, i * h + h // 2 - 6), label, fill=(0, 0, 0))
+    return canvas
+
+
+@dataclass
+class ReportProtocol:
+    """What `report` measures: Sec. 4.1's ISTD protocol on the held-out prompts, paired."""
+    strips: int = 24  # strip k: held-out prompt k mod 24 and the noise pair of seed + k (>= 24: one per prompt)
+    frames: int = 11  # slerp ratios 0, 0.1, ..., 1 (paper)
+    steps: int = 50  # DDIM steps (paper)
+    guidance: float = 7.5  # CFG scale (paper)
+    seed: int = 0
+    real: int = 500  # real held-out images: the reference of the FID proxy
+    figure_strips: int = 3  # the figure shows strips 0, 1, 2: fixed in advance, not picked by looking
+
+
+def report(model_path, loras, out_dir, protocol=None, reference="control"):
+    """Paired before/after of LoRAs on the held-out prompts, written to OUT/report.json, one printed line,
+    and OUT/interpolation_before_after.png (each model's row for the first strips, frames enlarged 4x).
+
+    loras: {name: LoRA file, or None for the base model}. Every model samples the SAME strips (prompts and
+    noise pairs), so each is compared with `reference` by the per-strip difference of ISTD (mean and
+    standard error over strips), beside the mean adjacent distance (a low ISTD can also be uniformly
+    large jumps) and the quality proxies of toy_metrics (caption accuracy, FID-proxy) on all frames.
+    """
     import checkpoint
     import lora
     import sampler
     import toy_metrics
 
-    out = Path(out_dir)
-    models = checkpoint.load_models(model_path)
-    schedule = sampler.make_schedule(models.scheduler_config)
-    every = heldout_prompts()  # (triple, small), (triple, large), ...: spread the choice, alternate sizes
-    chosen = [every[k * len(every) // prompts + k % 2] for k in range(prompts)]
-    latent_shape = (4, RESOLUTION // 4, RESOLUTION // 4)
-    results, strips = {}, []
-    for name in ("base", "lora"):
-        if name == "lora":
+    p, out = protocol or ReportProtocol(), Path(out_dir)
+    every = heldout_prompts()
+    prompts = [every[k % len(every)] for k in range(p.strips)]
+    real, _ = make_images(p.real, seed=p.seed + 7, split="heldout")
+    real_features = toy_metrics.features(toy_metrics.images01(real))
+    results, rows = {}, []
+    for name, lora_path in loras.items():
+        models = checkpoint.load_models(model_path)
+        if lora_path is not None:
             lora.load_lora(models.unet, lora_path)
-        r = sampler.evaluate_istd(models.unet, models.vae, models.encode_prompt, chosen, latent_shape,
-                                  steps=steps, guidance=guidance, seed=seed, schedule=schedule, progress=False)
-        noise_a, noise_b = sampler.noise_pair(seed, latent_shape)
-        frames = sampler.interpolate(models.unet, models.vae, noise_a, noise_b, models.encode_prompt(chosen[:1]),
-                                     uncond_a=models.encode_prompt([""]), steps=steps, guidance=guidance,
-                                     schedule=schedule, progress=False)
-        strips.append(frames)
-        accuracy = toy_metrics.caption_accuracy(frames, chosen[:1] * len(frames))["caption"]
-        results[name] = {"istd": r["istd"], "mean_adjacent_distance": r["mean_adjacent_distance"],
-                         "caption_accuracy_first_strip": accuracy}
-    results.update(prompts=chosen, steps=steps, guidance=guidance, seed=seed, lora_path=str(lora_path))
+        strips = sampler.interpolation_strips(
+            models.unet, models.vae, models.encode_prompt, prompts, (4, RESOLUTION // 4, RESOLUTION // 4),
+            p.frames, p.steps, p.guidance, p.seed, sampler.make_schedule(models.scheduler_config), progress=False)
+        frames = strips.flatten(0, 1)
+        results[name] = {
+            "lora": None if lora_path is None else str(lora_path),
+            "per_strip_istd": [sampler.istd(s) for s in strips],
+            "per_strip_mean_adjacent_distance": [sampler.adjacent_distances(s).mean().item() for s in strips],
+            "caption_accuracy": toy_metrics.caption_accuracy(frames, [q for q in prompts for _ in range(p.frames)]),
+            "fid_proxy": toy_metrics.frechet_distance(toy_metrics.features(frames), real_features)}
+        results[name]["istd"] = float(np.mean(results[name]["per_strip_istd"]))
+        results[name]["mean_adjacent_distance"] = float(np.mean(results[name]["per_strip_mean_adjacent_distance"]))
+        rows.append((name, strips[:p.figure_strips]))
+    for name in results:
+        if name != reference:
+            results[name]["istd_vs_" + reference] = toy_metrics.paired_difference(
+                results[name]["per_strip_istd"], results[reference]["per_strip_istd"])
     out.mkdir(parents=True, exist_ok=True)
-    sampler.save_strip(torch.cat([torch.cat(list(s), dim=2)[None] for s in strips], dim=2),
-                       out / "interpolation_before_after.png")
-    (out / "report.json").write_text(json.dumps(results, indent=2))
-    print(f"ISTD on {len(chosen)} held-out prompts ({steps} DDIM steps, CFG {guidance}): "
-          f"base {results['base']['istd']:.4f} -> LoRA {results['lora']['istd']:.4f} (mean adjacent distance "
-          f"{results['base']['mean_adjacent_distance']:.3f} -> {results['lora']['mean_adjacent_distance']:.3f}); "
-          f"strip in {out / 'interpolation_before_after.png'}, numbers in {out / 'report.json'}")
-    return results
+    grid = [(f"strip {k}: {name}", strips[k]) for k in range(p.figure_strips) for name, strips in rows]
+    labelled_grid(grid, scale=4).save(out / "interpolation_before_after.png")
+    summary = {"protocol": vars(p), "prompts": prompts, "reference": reference, "models": results}
+    (out / "report.json").write_text(json.dumps(summary, indent=1))
+    print(report_line(summary, out))
+    return summary
+
+
+def report_line(summary, out):
+    """The one line `python train.py` prints about its paired report."""
+    p, ref, models = summary["protocol"], summary["reference"], summary["models"]
+    parts = []
+    for name, r in models.items():
+        if name == ref:
+            continue
+        d = r["istd_vs_" + ref]
+        parts.append(f"{name} {r['istd']:.3f} vs {ref} {models[ref]['istd']:.3f}: {d['mean']:+.3f} +- {d['se']:.3f} "
+                     f"({100 * d['relative']:+.0f}%, paired, {d['n']} strips), FID-proxy {r['fid_proxy']:.2f} vs "
+                     f"{models[ref]['fid_proxy']:.2f}, caption accuracy {r['caption_accuracy']['caption']:.2f} vs "
+                     f"{models[ref]['caption_accuracy']['caption']:.2f}")
+    return (f"ISTD on held-out prompts ({p['steps']} DDIM steps, CFG {p['guidance']}): " + "; ".join(parts) +
+            f". Figure {out / 'interpolation_before_after.png'}, numbers {out / 'report.json'}")
 
 
 def main(argv=None):

@@ -185,3 +185,16 @@ def frechet_distance(features_a, features_b):
     sqrt_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     cross = np.sqrt(np.clip(np.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a), 0, None)).sum()
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
+
+
+def paired_difference(values, reference):
+    """values - reference over paired samples (the same strips or images for both models): the mean
+    difference, its standard error (sample std / sqrt(n)), n, and the mean difference relative to the
+    reference's mean."""
+    a, b = np.asarray(values, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    if a.ndim != 1 or a.shape != b.shape or len(a) < 2:
+        raise ValueError(f"need two equal-length lists of at least 2 paired values (the same strips or "
+                         f"images for both models), got shapes {a.shape} and {b.shape}.")
+    d = a - b
+    return {"mean": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d))), "n": len(d),
+            "relative": float(d.mean() / b.mean())}
