@@ -223,8 +223,9 @@ def score_strips(strips, prompts, real_features):
     captions = [prompts[k % len(prompts)] for k in range(S) for _ in range(F)]
     return {"per_strip_istd": [sampler.istd(s) for s in strips],
             "per_strip_mean_adjacent_distance": [sampler.adjacent_distances(s).mean().item() for s in strips],
-            "caption_accuracy": toy_metrics.caption_accuracy(frames, captions),
-            "frechet_distance": toy_metrics.frechet_distance(toy_metrics.features(frames), real_features)}
+            "caption_accuracy": toy.caption_accuracy(frames, captions),
+            "frechet_distance": toy_metrics.frechet_distance(toy_metrics.features(frames, toy.load_classifier()),
+                                                             real_features)}
 
 
 def edit_target(attributes):
@@ -508,7 +509,7 @@ def main(argv=None):
     futures = {n: pool.submit(train_run, n, args.model, args.data, cache, p.train, args.threads) for n in RUNS}
 
     real_images, _ = toy.make_images(p.real, seed=p.seed + 7, split="heldout")
-    real_features = toy_metrics.features(toy_metrics.images01(real_images))
+    real_features = toy_metrics.features(toy_metrics.images01(real_images), toy.load_classifier())
     strips, edits = {}, {}
     recon_images, captions, targets = recon_inputs(p)
     scored = slice(1, None)  # image 0 is the edit figure's source, not a held-out image
@@ -550,7 +551,7 @@ def main(argv=None):
                       for inv in ("ddim", "nti")}
             for inv in result:
                 result[inv].update({k: float(np.mean(v)) for k, v in result[inv]["per_image"].items()})
-            acc = toy_metrics.caption_accuracy(r["edit"][scored], targets[scored])
+            acc = toy.caption_accuracy(r["edit"][scored], targets[scored])
             result["edit"] = {"caption": acc["caption"], "colour": acc["colour"]}
             result["eval_s"] = round(time.time() - t0, 1)
             return result, {"source": recon_images[0], "nti": r["nti"][0], "edit": r["edit"][0]}

@@ -12,8 +12,8 @@ ships a world small enough to run the whole method on a laptop CPU:
     `python toy.py pretrain` and saved in the diffusers layout in `assets/toy-sd/`;
   * the hooks `train.py` uses with no arguments: `TRAIN_DEFAULTS`, `prepare_data`, `report`.
 
-The quality proxies (an attribute classifier, caption accuracy, a Frechet distance) are in
-`toy_metrics.py`.
+The measuring instruments (an attribute classifier, a Frechet distance, paired statistics) are in
+`toy_metrics.py`; this file reads captions off images with them (`caption_accuracy`).
 
     python toy.py pretrain    # VAE, then UNet + text encoder, then the classifier (CPU, ~25 min)
     python toy.py evaluate    # VAE reconstruction, classifier accuracy, caption accuracy of samples
@@ -25,6 +25,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+import toy_metrics
 
 ROOT = Path(__file__).resolve().parent
 ASSETS = ROOT / "assets"
@@ -135,6 +138,74 @@ def prepare_data(folder, n=2000, seed=0, split="train"):
         Image.fromarray(image).save(folder / f"{i:05d}.png")
         (folder / f"{i:05d}.txt").write_text(caption(a) + "\n")
     return folder
+
+
+# ---------------------------------------------------------------- reading captions off images
+
+HEADS = {"shape": SHAPES, "colour": tuple(COLOURS), "background": tuple(COLOURS), "size": tuple(SIZES)}
+
+
+def attribute_labels(attributes):
+    """{head: LongTensor [N]} class indices of a list of attribute dicts."""
+    return {name: torch.tensor([values.index(a[name]) for a in attributes]) for name, values in HEADS.items()}
+
+
+def train_classifier(seed=0, n=10_000):
+    """The attribute classifier (toy_metrics) on n images of ALL triples, held-out ones included: it is
+    the measuring instrument, not the model under test (see toy_metrics' docstring)."""
+    images, attributes = make_images(n, seed=seed + 100, split="all")
+    return toy_metrics.train_classifier(images, attribute_labels(attributes), HEADS, seed=seed)
+
+
+@lru_cache(maxsize=2)
+def load_classifier(path=toy_metrics.CLASSIFIER_PATH):
+    """The classifier `python toy.py pretrain` wrote, loaded once per process."""
+    return toy_metrics.load_classifier(path, HEADS)
+
+
+def parse_caption(text):
+    """The attributes a toy caption names: {"shape", "colour", "background", "size"} (those present).
+
+    The colour before the shape word is the shape's, the one after it the background's; so "a red
+    circle on blue background" and "a small red circle on a blue background" both parse.
+    """
+    words = text.lower().replace(",", " ").split()
+    shapes = [i for i, w in enumerate(words) if w in SHAPES]
+    if not shapes:
+        raise ValueError(f"caption {text!r} names no shape ({', '.join(SHAPES)}): not a toy caption.")
+    i = shapes[0]
+    named = {"shape": words[i]}
+    before = [w for w in words[:i] if w in COLOURS]
+    after = [w for w in words[i + 1:] if w in COLOURS]
+    sizes = [w for w in words if w in SIZES]
+    if before:
+        named["colour"] = before[-1]
+    if after:
+        named["background"] = after[0]
+    if sizes:
+        named["size"] = sizes[0]
+    return named
+
+
+def caption_accuracy(images01, captions, classifier=None):
+    """CLIP-score proxy: how often the classifier sees what each caption names, images in [0, 1].
+
+    Returns {"caption": fraction of images with every named attribute right, and per attribute
+    ("shape", "colour", "background", "size") the fraction right among the captions that name it}.
+    """
+    if len(images01) != len(captions):
+        raise ValueError(f"{len(images01)} images but {len(captions)} captions: pass one caption per image.")
+    predicted = toy_metrics.predict(images01, classifier or load_classifier())
+    named = [parse_caption(c) for c in captions]
+    right = {name: [] for name in HEADS}
+    every = []
+    for k, attrs in enumerate(named):
+        ok = [HEADS[name][predicted[name][k]] == value for name, value in attrs.items()]
+        for (name, _), r in zip(attrs.items(), ok):
+            right[name].append(r)
+        every.append(all(ok))
+    return {"caption": float(np.mean(every)), **{name: float(np.mean(r)) for name, r in right.items() if r}}
+
 
 
 def write_clip_tokenizer(folder, words):
@@ -336,7 +407,6 @@ def train_denoiser(vae, images, captions, tokenizer, cfg):
 def pretrain(out=MODEL_DIR, cfg=None):
     """Train the tiny SD from scratch and write it (diffusers layout), the classifier and the prompts."""
     import checkpoint
-    import toy_metrics
 
     cfg = cfg or PretrainConfig()
     out, t0 = Path(out), time.time()
@@ -350,7 +420,7 @@ def pretrain(out=MODEL_DIR, cfg=None):
     (out / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
     write_clip_tokenizer(out / "tokenizer", WORDS)
     (out / "pretrain_config.json").write_text(json.dumps(vars(cfg), indent=2))
-    toy_metrics.save_classifier(toy_metrics.train_classifier(cfg.seed))
+    toy_metrics.save_classifier(train_classifier(cfg.seed))
     HELDOUT_PROMPTS.write_text("\n".join(heldout_prompts()) + "\n")
     print(f"pretrained in {time.time() - t0:.0f} s: {out}, {toy_metrics.CLASSIFIER_PATH}, {HELDOUT_PROMPTS}")
 
@@ -381,7 +451,6 @@ def evaluate(model=MODEL_DIR, out="runs/toy_eval", per_prompt=4, steps=50, guida
     the training prompts. Writes OUT/samples.png (one sample per held-out prompt) and OUT/eval.json."""
     import checkpoint
     import sampler
-    import toy_metrics
 
     models = checkpoint.load_models(model)
     real, attributes = make_images(1000, seed=seed + 7, split="heldout")
@@ -389,16 +458,16 @@ def evaluate(model=MODEL_DIR, out="runs/toy_eval", per_prompt=4, steps=50, guida
     recon = sampler.decode_latents(models.vae, sampler.encode_images(models.vae, real01))
     results = {"vae_reconstruction_heldout": {"mse": sampler.mse(recon, real01).mean().item(),
                                               "psnr": sampler.psnr(recon, real01).mean().item()},
-               "classifier_heldout_real": toy_metrics.caption_accuracy(real01, [caption(a) for a in attributes]),
+               "classifier_heldout_real": caption_accuracy(real01, [caption(a) for a in attributes]),
                "steps": steps, "guidance": guidance}
     train_prompts = sorted({caption(a) for a in make_images(200, seed=seed + 8)[1]})[:24]
     for name, prompts in (("heldout_prompts", heldout_prompts()), ("train_prompts", train_prompts)):
         prompts = [p for p in prompts for _ in range(per_prompt)]
         images = generate(models, prompts, seed, steps, guidance)
-        results[name] = toy_metrics.caption_accuracy(images, prompts)
+        results[name] = caption_accuracy(images, prompts)
         if name == "heldout_prompts":
             results[name]["frechet_to_real"] = toy_metrics.frechet_distance(
-                toy_metrics.features(images), toy_metrics.features(real01))
+                toy_metrics.features(images, load_classifier()), toy_metrics.features(real01, load_classifier()))
             Path(out).mkdir(parents=True, exist_ok=True)
             sampler.save_strip(images[::per_prompt], Path(out) / "samples.png")
     (Path(out) / "eval.json").write_text(json.dumps(results, indent=2))
@@ -451,13 +520,12 @@ def report(model_path, loras, out_dir, protocol=None, reference="control"):
     import checkpoint
     import lora
     import sampler
-    import toy_metrics
 
     p, out = protocol or ReportProtocol(), Path(out_dir)
     every = heldout_prompts()
     prompts = [every[k % len(every)] for k in range(p.strips)]
     real, _ = make_images(p.real, seed=p.seed + 7, split="heldout")
-    real_features = toy_metrics.features(toy_metrics.images01(real))
+    real_features = toy_metrics.features(toy_metrics.images01(real), load_classifier())
     results, rows = {}, []
     for name, lora_path in loras.items():
         models = checkpoint.load_models(model_path)
@@ -471,8 +539,8 @@ def report(model_path, loras, out_dir, protocol=None, reference="control"):
             "lora": None if lora_path is None else str(lora_path),
             "per_strip_istd": [sampler.istd(s) for s in strips],
             "per_strip_mean_adjacent_distance": [sampler.adjacent_distances(s).mean().item() for s in strips],
-            "caption_accuracy": toy_metrics.caption_accuracy(frames, [q for q in prompts for _ in range(p.frames)]),
-            "fid_proxy": toy_metrics.frechet_distance(toy_metrics.features(frames), real_features)}
+            "caption_accuracy": caption_accuracy(frames, [q for q in prompts for _ in range(p.frames)]),
+            "fid_proxy": toy_metrics.frechet_distance(toy_metrics.features(frames, load_classifier()), real_features)}
         results[name]["istd"] = float(np.mean(results[name]["per_strip_istd"]))
         results[name]["mean_adjacent_distance"] = float(np.mean(results[name]["per_strip_mean_adjacent_distance"]))
         rows.append((name, strips[:p.figure_strips]))
@@ -534,7 +602,7 @@ def main(argv=None):
     elif args.command == "classifier":
         import toy_metrics
 
-        toy_metrics.save_classifier(toy_metrics.train_classifier())
+        toy_metrics.save_classifier(train_classifier())
     else:
         print(json.dumps(evaluate(args.model, args.out, steps=args.steps, guidance=args.guidance), indent=2))
     return 0

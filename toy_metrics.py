@@ -15,8 +15,11 @@ learns shortcuts (red on blue is never a circle there) and reads the shape of he
 chance. Its accuracy is measured on fresh images (other seeds) of the held-out triples.
 `python toy.py pretrain` (or `python toy.py classifier`) trains it and writes
 `assets/toy-classifier.safetensors`.
+
+This module knows nothing of the toy world's vocabulary: the attribute heads ({name: class names}),
+the training images and their labels come from toy.py (`toy.HEADS`, `toy.caption_accuracy`), which
+imports this file, never the other way round.
 """
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-import toy
-
 CLASSIFIER_PATH = Path(__file__).resolve().parent / "assets" / "toy-classifier.safetensors"
-HEADS = {"shape": toy.SHAPES, "colour": tuple(toy.COLOURS), "background": tuple(toy.COLOURS),
-         "size": tuple(toy.SIZES)}
 
 
 class AttributeClassifier(nn.Module):
@@ -38,7 +37,7 @@ class AttributeClassifier(nn.Module):
     layer (the features of the Frechet distance) and one linear head per attribute. (Circle and square
     have the same area here, so shape is told by corners, which max pooling picks up and averages hide.)"""
 
-    def __init__(self, width=16, feature_dim=128):
+    def __init__(self, heads, width=16, feature_dim=128):
         super().__init__()
         layers, c_in = [], 3
         for c_out in (width, 2 * width, 4 * width):
@@ -47,7 +46,7 @@ class AttributeClassifier(nn.Module):
             c_in = c_out
         self.conv = nn.Sequential(*layers)
         self.fc = nn.Linear(2 * c_in, feature_dim)
-        self.heads = nn.ModuleDict({name: nn.Linear(feature_dim, len(values)) for name, values in HEADS.items()})
+        self.heads = nn.ModuleDict({name: nn.Linear(feature_dim, len(values)) for name, values in heads.items()})
 
     def features(self, images01):
         """Penultimate features [N, 128] of images in [0, 1], [N, 3, 32, 32]."""
@@ -59,23 +58,18 @@ class AttributeClassifier(nn.Module):
         return {name: head(h) for name, head in self.heads.items()}
 
 
-def labels(attributes):
-    """{head: LongTensor [N]} class indices of a list of attribute dicts."""
-    return {name: torch.tensor([values.index(a[name]) for a in attributes]) for name, values in HEADS.items()}
-
-
 def images01(images_uint8):
     """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [0, 1]."""
     return torch.as_tensor(images_uint8).permute(0, 3, 1, 2).float() / 255
 
 
-def train_classifier(seed=0, n=10_000, steps=800, batch=64, lr=2e-3, noise=0.03):
-    """The attribute classifier on n images of all triples. Each batch gets Gaussian pixel noise (std
-    `noise`) so that the slightly grainy, soft-edged samples of the diffusion model read like the data."""
+def train_classifier(images_uint8, labels, heads, seed=0, steps=800, batch=64, lr=2e-3, noise=0.03):
+    """The attribute classifier on uint8 images [N, H, W, 3] with labels {head: class indices [N]}.
+    Each batch gets Gaussian pixel noise (std `noise`) so that the slightly grainy, soft-edged samples
+    of the diffusion model read like the data."""
     torch.manual_seed(seed)
-    images, attributes = toy.make_images(n, seed=seed + 100, split="all")
-    x, y = images01(images), labels(attributes)
-    model = AttributeClassifier().train()
+    x, y, n = images01(images_uint8), labels, len(images_uint8)
+    model = AttributeClassifier(heads).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
     bar = tqdm(range(steps), desc="classifier")
@@ -85,7 +79,7 @@ def train_classifier(seed=0, n=10_000, steps=800, batch=64, lr=2e-3, noise=0.03)
         idx = torch.randint(0, n, (batch,), generator=g)
         xb = (x[idx] + noise * torch.randn(x[idx].shape, generator=g)).clamp(0, 1)
         logits = model(xb)
-        loss = sum(F.cross_entropy(logits[name], y[name][idx]) for name in HEADS)
+        loss = sum(F.cross_entropy(logits[name], y[name][idx]) for name in heads)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -97,21 +91,19 @@ def save_classifier(model, path=CLASSIFIER_PATH):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
-@lru_cache(maxsize=2)
-def load_classifier(path=CLASSIFIER_PATH):
+def load_classifier(path, heads):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: train the classifier with `python toy.py pretrain`.")
-    model = AttributeClassifier()
+    model = AttributeClassifier(heads)
     model.load_state_dict(load_file(str(path)))
     return model.eval().requires_grad_(False)
 
 
 @torch.no_grad()
-def predict(images01, classifier=None, batch=500):
+def predict(images01, classifier, batch=500):
     """{head: predicted class indices [N]} for images in [0, 1], [N, 3, 32, 32]."""
-    classifier = classifier or load_classifier()
-    out = {name: [] for name in HEADS}
+    out = {name: [] for name in classifier.heads}
     for i in range(0, len(images01), batch):
         for name, logits in classifier(images01[i:i + batch].float()).items():
             out[name].append(logits.argmax(1))
@@ -119,55 +111,10 @@ def predict(images01, classifier=None, batch=500):
 
 
 @torch.no_grad()
-def features(images01, classifier=None, batch=500):
+def features(images01, classifier, batch=500):
     """The classifier's penultimate features [N, 128] (float64 numpy) of images in [0, 1]."""
-    classifier = classifier or load_classifier()
     return torch.cat([classifier.features(images01[i:i + batch].float())
                       for i in range(0, len(images01), batch)]).double().numpy()
-
-
-def parse_caption(text):
-    """The attributes a toy caption names: {"shape", "colour", "background", "size"} (those present).
-
-    The colour before the shape word is the shape's, the one after it the background's; so "a red
-    circle on blue background" and "a small red circle on a blue background" both parse.
-    """
-    words = text.lower().replace(",", " ").split()
-    shapes = [i for i, w in enumerate(words) if w in toy.SHAPES]
-    if not shapes:
-        raise ValueError(f"caption {text!r} names no shape ({', '.join(toy.SHAPES)}): not a toy caption.")
-    i = shapes[0]
-    named = {"shape": words[i]}
-    before = [w for w in words[:i] if w in toy.COLOURS]
-    after = [w for w in words[i + 1:] if w in toy.COLOURS]
-    sizes = [w for w in words if w in toy.SIZES]
-    if before:
-        named["colour"] = before[-1]
-    if after:
-        named["background"] = after[0]
-    if sizes:
-        named["size"] = sizes[0]
-    return named
-
-
-def caption_accuracy(images01, captions, classifier=None):
-    """CLIP-score proxy: how often the classifier sees what each caption names, images in [0, 1].
-
-    Returns {"caption": fraction of images with every named attribute right, and per attribute
-    ("shape", "colour", "background", "size") the fraction right among the captions that name it}.
-    """
-    if len(images01) != len(captions):
-        raise ValueError(f"{len(images01)} images but {len(captions)} captions: pass one caption per image.")
-    predicted = predict(images01, classifier)
-    named = [parse_caption(c) for c in captions]
-    right = {name: [] for name in HEADS}
-    every = []
-    for k, attrs in enumerate(named):
-        ok = [HEADS[name][predicted[name][k]] == value for name, value in attrs.items()]
-        for (name, _), r in zip(attrs.items(), ok):
-            right[name].append(r)
-        every.append(all(ok))
-    return {"caption": float(np.mean(every)), **{name: float(np.mean(r)) for name, r in right.items() if r}}
 
 
 def frechet_distance(features_a, features_b):

@@ -96,16 +96,16 @@ def test_committed_model_loads_and_generates_finite_images_of_the_right_size():
 
 def test_classifier_recognises_heldout_real_images():
     images, attributes = toy.make_images(300, seed=11, split="heldout")
-    accuracy = toy_metrics.caption_accuracy(toy_metrics.images01(images), [toy.caption(a) for a in attributes])
+    accuracy = toy.caption_accuracy(toy_metrics.images01(images), [toy.caption(a) for a in attributes])
     assert accuracy["caption"] >= CLASSIFIER_HELDOUT_ACCURACY - 0.03, accuracy
 
 
 def test_caption_accuracy_fails_captions_that_name_the_wrong_attributes():
     images, attributes = toy.make_images(100, seed=12, split="heldout")
     wrong = [toy.caption({**a, "background": a["colour"], "colour": a["background"]}) for a in attributes]
-    accuracy = toy_metrics.caption_accuracy(toy_metrics.images01(images), wrong)
+    accuracy = toy.caption_accuracy(toy_metrics.images01(images), wrong)
     assert accuracy["colour"] < 0.1 and accuracy["background"] < 0.1 and accuracy["caption"] < 0.1
-    assert toy_metrics.parse_caption("a red circle on blue background") == dict(
+    assert toy.parse_caption("a red circle on blue background") == dict(
         shape="circle", colour="red", background="blue")
 
 
@@ -147,7 +147,7 @@ def test_pretrain_is_seeded_byte_for_byte_and_writes_a_loadable_model(tmp_path, 
     the committed assets/toy-sd byte for byte, 27 min on CPU), loadable like SD-1.5."""
     import checkpoint
 
-    monkeypatch.setattr(toy_metrics, "train_classifier", lambda seed: None)  # its own test is above
+    monkeypatch.setattr(toy, "train_classifier", lambda seed: None)  # its own test is above
     monkeypatch.setattr(toy_metrics, "save_classifier", lambda model: None)
     monkeypatch.setattr(toy, "HELDOUT_PROMPTS", tmp_path / "prompts.txt")
     cfg = toy.PretrainConfig(images=64, vae_steps=3, vae_batch=8, unet_steps=3, unet_batch=8, warmup=1)
