@@ -14,7 +14,7 @@ Measured, each in a fresh subprocess (so one case's memory does not leak into th
   train.py options `--reg-every 4` (`reg-every4`: 3 plain steps and 1 vjp step with its penalty x 4,
   time per step = time of the 4 / 4) and `--reg-batch-frac 0.5` (`reg-frac0.5`: the vjp penalty on
   the first ceil(B / 2) samples; at batch 1 that is the vjp step, so it runs at batch 2).
-  Each step mirrors train.py's `micro_step` (Eq. 2 x_t from a noise leaf, Eq. 14 loss) plus AdamW.
+  Each step is train.py's Eq. 14 loss (`train.smooth_diffusion_loss`, from a noise leaf) plus AdamW.
   Every ratio is against `plain` WITHOUT checkpointing: what a user pays for the option.
 
 Time is the median of repeats; memory is the peak RSS (CPU, /proc/self/status VmHWM after resetting
@@ -27,7 +27,6 @@ import contextlib
 import ctypes
 import dataclasses
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -35,11 +34,12 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 import attention
 import lora
 import regularizer
+import sampler
+import train
 from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
 
@@ -50,7 +50,7 @@ SMALL_UNET = dict(block_out_channels=(32, 64, 64), layers_per_block=1, attention
                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
 SMALL_VAE = dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
                  down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
-FD_H = 1e-2  # train.py's default fd step, relative to the noise norm sqrt(C H W)
+FD_H = train.TrainConfig.fd_h  # train.py's default fd step, relative to the noise norm sqrt(C H W)
 
 
 def case_list(device, quick):
@@ -139,7 +139,7 @@ def forward_fn(case, model, cfg, device, dtype):
     else:
         x = torch.randn(b, cfg.in_channels, side, side, generator=g).to(device, dtype)
         text = torch.randn(b, 77, cfg.cross_attention_dim, generator=g).to(device, dtype)
-        t = torch.randint(0, 1000, (b,), generator=g).to(device)
+        t = torch.randint(0, sampler.make_schedule().num_train_timesteps, (b,), generator=g).to(device)
         call = (lambda: model(x, t, text)) if case["impl"] == "ours" else (lambda: model(x, t, text).sample)
 
     def run():
@@ -171,10 +171,11 @@ STEP_MODES = {
 
 
 def step_fn(case, unet, cfg, device, dtype):
-    """One repeat of a training mode: `every` optimizer steps of train.py's `micro_step` + AdamW.
+    """One repeat of a training mode: `every` optimizer steps of train.py's Eq. 14 loss + AdamW.
 
-    Eq. 2 x_t from a noise leaf, the eps-MSE of Eq. 14 plus lambda (= 1) x every x the Eq. 9 penalty
-    on the first ceil(frac * B) samples, with the Eq. 10 norm (vjp) or its finite difference (fd).
+    `train.smooth_diffusion_loss` (the function train.py's micro_step calls) on fixed random latents,
+    noise, directions, timesteps and text, lambda = 1, the penalty scaled by `every` (lazy) on the first
+    ceil(frac * B) samples, with the Eq. 10 norm (vjp) or its finite difference (fd).
     """
     mode = {**dict(every=1, frac=1.0, math=False, ckpt=False), **STEP_MODES[case["mode"]]}
     if case["lora"]:
@@ -189,53 +190,25 @@ def step_fn(case, unet, cfg, device, dtype):
     reg = regularizer.StepwiseVariationRegularizer().to(device)
     if mode["math"]:
         attention.DoubleBackwardAttention = MathAttention
+    schedule = sampler.make_schedule()  # SD-1.5's
     g = torch.Generator().manual_seed(1)
     b, side = case["batch"], case["side"]
     shape = (b, cfg.in_channels, side, side)
     latents, noise, direction = (torch.randn(shape, generator=g).to(device) for _ in range(3))
     text = torch.randn(b, 77, cfg.cross_attention_dim, generator=g).to(device)
-    t = torch.randint(0, 1000, (b,), generator=g).to(device)
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2  # SD's scaled-linear schedule
-    abar = torch.cumprod(1 - betas, 0).to(device)[t].view(-1, 1, 1, 1)
-    x_t = abar.sqrt() * latents + (1 - abar).sqrt() * noise  # Eq. 2
-    autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
-
-    def forward(x, sl, double_backward=False):
-        with attention.double_backward(double_backward), autocast:
-            return unet(x, t[sl], text[sl]).float()
-
-    def loss_of(regularize):  # train.py's micro_step, line for line
-        n = math.ceil(mode["frac"] * b) if regularize else 0  # the first n samples are regularized
-        sigma = (1 - abar[:n]).sqrt().flatten()  # sqrt(1 - abar_t) of Eq. 9/10
-        if regularize and mode["reg"] == "vjp":
-            noise_reg = noise[:n].clone().requires_grad_()  # the leaf of Eq. 10
-            x_reg = abar[:n].sqrt() * latents[:n] + (1 - abar[:n]).sqrt() * noise_reg  # Eq. 2
-            eps_reg = forward(x_reg, slice(0, n), double_backward=True)
-            eps = torch.cat([eps_reg, forward(x_t[n:], slice(n, b))]) if n < b else eps_reg
-            x0 = regularizer.predict_x0(x_reg, eps_reg, abar[:n].flatten())
-            norms = regularizer.variation_norm(x0, noise_reg, sigma, direction[:n])  # Eq. 10
-        elif regularize:  # fd: x_t and x_t(eps + h v) in one batched forward
-            h = FD_H * math.sqrt(noise[0].numel())
-            v = direction[:n] / direction[:n].flatten(1).norm(dim=1).view(-1, 1, 1, 1)  # unit length
-            x_shift = abar[:n].sqrt() * latents[:n] + (1 - abar[:n]).sqrt() * (noise[:n] + h * v)  # Eq. 2
-            with attention.double_backward(False), autocast:
-                eps_all = unet(torch.cat([x_t, x_shift]), torch.cat([t, t[:n]]),
-                               torch.cat([text, text[:n]])).float()
-            eps = eps_all[:b]
-            x0 = regularizer.predict_x0(x_t[:n], eps[:n], abar[:n].flatten())
-            x0_shift = regularizer.predict_x0(x_shift, eps_all[b:], abar[:n].flatten())
-            norms = regularizer.fd_variation_norm(x0, x0_shift, h, sigma)
-        else:
-            eps = forward(x_t, slice(0, b))
-        loss = F.mse_loss(eps, noise)  # L_base of Eq. 14
-        if regularize:
-            loss = loss + mode["every"] * reg.penalty(norms)  # Eq. 14 with Eq. 9, lambda = 1, lazy: x k
-        return loss
+    t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=g).to(device)
+    alphas_cumprod = schedule.alphas_cumprod.to(device)
+    autocast = lambda: torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
 
     def run():
         for i in range(mode["every"]):
             opt.zero_grad(set_to_none=True)
-            loss_of(regularize=mode["reg"] is not None and i == 0).backward()
+            regularize = mode["reg"] is not None and i == 0
+            loss, *_ = train.smooth_diffusion_loss(
+                unet, latents, noise, t, text, direction, alphas_cumprod, reg=reg,
+                reg_mode=mode["reg"] if regularize else "none", reg_batch_frac=mode["frac"],
+                lazy_scale=mode["every"], fd_h=FD_H, autocast=autocast)
+            loss.backward()
             opt.step()
     return run
 

@@ -80,7 +80,7 @@ def list_items(path):
     return items
 
 
-def load_image(path, resolution):
+def load_training_image(path, resolution):
     """RGB, shorter side resized to `resolution`, centre crop -> [3, res, res] float in [-1, 1]."""
     with Image.open(path) as im:
         im = im.convert("RGB")
@@ -109,7 +109,7 @@ class CaptionDataset(torch.utils.data.Dataset):
         for i in range(len(self.items)):  # the next readable item replaces an unreadable one
             path, caption = self.items[(index + i) % len(self.items)]
             try:
-                pixels = load_image(path, self.resolution)
+                pixels = load_training_image(path, self.resolution)
             except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
                 skipped.append(path)
                 continue

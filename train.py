@@ -38,7 +38,7 @@ import resource
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -57,85 +57,76 @@ import sampler
 ROOT = Path(__file__).resolve().parent
 
 
+def _option(default, help, **argparse_kwargs):
+    """A TrainConfig field: its default, its --help text and any extra argparse settings (choices)."""
+    return field(default=default, metadata=dict(help=help, **argparse_kwargs))
+
+
 @dataclass
 class TrainConfig:
-    model: str = None  # SD-1.5 diffusers folder or single file; None = the toy world
-    tokenizer: str = None  # tokenizer folder (vocab.json + merges.txt), needed with a single-file --model
-    data: str = None  # folder of images + same-stem .txt captions, or a .jsonl of {"image", "text"}
-    out: str = None  # output folder (default: out, or runs/toy in the toy world)
-    resolution: int = 512  # images are resized and centre-cropped to this (a multiple of 8)
-    batch_size: int = 3  # per process and micro-step (paper: 3 per GPU)
-    grad_accum: int = 8  # micro-steps per optimizer step (paper: 8; 3 x 4 GPUs x 8 = 96)
-    max_steps: int = 30_000  # optimizer steps (paper: 30k)
-    lr: float = 1e-4  # AdamW, constant, no warm-up (paper)
-    weight_decay: float = 1e-4  # paper, Sec. 4.1; the official script's default is 1e-2
-    rank: int = 8  # LoRA rank (paper)
-    lambda_reg: float = 1.0  # lambda in Eq. 14 (paper: 1); 0 trains the plain-LoRA control
-    reg_every: int = 1  # regularize every k-th step, loss scaled by k (paper: 1 = every step)
-    reg_decay: float = 0.01  # running-mean decay per regularized step (official code), 1-(1-d)^k if lazy
-    reg_timestep_buckets: int = 1  # running means of the norm, one per range of t (paper: 1, a single a)
-    reg_normalize: str = "none"  # none = Eq. 9 as in the paper; analytic / relative: see regularizer.py
-    reg_mode: str = "vjp"  # vjp = Eq. 10 (paper, double backward); fd = finite difference
-    reg_batch_frac: float = 1.0  # regularize the first ceil(f * B) samples of each micro-batch (f < 1:
-    # the result then depends on the per-process batch size, not only on the global batch)
-    fd_h: float = 1e-2  # fd step, relative to the noise's expected norm sqrt(C*H*W)
-    save_every: int = 500  # write the checkpoint every this many steps (and at the end)
-    seed: int = 0
-    resume: str = None  # state.pt to continue from, or "auto" = OUT/state.pt if it exists
-    mixed_precision: str = "no"  # no | fp16 | bf16: frozen weights and autocast (GPU); LoRA stays fp32
-    num_workers: int = 4  # data loader processes per rank
-    gradient_checkpointing: bool = False  # recompute UNet blocks in backward to save memory
+    """One training run; every field is a command-line flag (`lambda_reg` -> `--lambda-reg`)."""
+    model: str = _option(None, "SD-1.5 folder in the diffusers layout or a single file; leave out to train "
+                               "on the toy world")
+    tokenizer: str = _option(None, "tokenizer folder (vocab.json + merges.txt); needed when --model is a "
+                                   "single file")
+    data: str = _option(None, "folder of images + same-stem .txt captions, or a .jsonl of {image, text}")
+    out: str = _option(None, "output folder (default: out, or runs/toy in the toy world)")
+    resolution: int = _option(512, "images are resized and centre-cropped to this (a multiple of the VAE's "
+                                   "downsampling factor)")
+    batch_size: int = _option(3, "per process and micro-step (paper: 3 per GPU)")
+    grad_accum: int = _option(8, "micro-steps per optimizer step (paper: 8; 3 x 4 GPUs x 8 = 96)")
+    max_steps: int = _option(30_000, "optimizer steps (paper: 30k)")
+    lr: float = _option(1e-4, "AdamW, constant, no warm-up (paper)")
+    weight_decay: float = _option(1e-4, "paper, Sec. 4.1; the official script's default is 1e-2")
+    rank: int = _option(8, "LoRA rank (paper)")
+    lambda_reg: float = _option(1.0, "lambda of Eq. 14 (paper: 1); 0 trains the plain-LoRA control")
+    reg_every: int = _option(1, "regularize every k-th step, loss scaled by k (StyleGAN2's lazy "
+                                "regularization; paper: 1 = every step)")
+    reg_decay: float = _option(0.01, "decay of the running mean a of Eq. 9 per step (official code); with "
+                                     "--reg-every k it is applied as 1-(1-decay)^k per regularized step")
+    reg_timestep_buckets: int = _option(1, "keep one running mean a per range of T/N timesteps (not in the "
+                                           "paper: the norm's scale depends strongly on t); 1 = the paper's a")
+    reg_normalize: str = _option("none", "none: Eq. 9 as in the paper; analytic: divide the norm by "
+                                         "sigma^2/sqrt(abar_t) (regularizer.identity_path_scale); relative: "
+                                         "penalise (norm / a - 1)^2 (not in the paper)",
+                                 choices=("none", "analytic", "relative"))
+    reg_mode: str = _option("vjp", "vjp: Eq. 10 by double backward (paper); fd: finite difference, two "
+                                   "forwards", choices=("vjp", "fd"))
+    reg_batch_frac: float = _option(1.0, "regularize the first ceil(f * batch size) samples of each "
+                                         "micro-batch (f < 1: the result then depends on the per-process "
+                                         "batch size, not only on the global batch)")
+    fd_h: float = _option(1e-2, "fd step, relative to the noise's expected norm sqrt(C*H*W)")
+    save_every: int = _option(500, "write the checkpoint every this many steps (and at the end)")
+    seed: int = _option(0, "seeds the LoRA init, the data order and every sample's noise")
+    resume: str = _option(None, 'state.pt to continue from, or "auto" = OUT/state.pt if it exists')
+    mixed_precision: str = _option("no", "frozen weights and autocast in this precision (GPU); the LoRA "
+                                         "stays fp32", choices=("no", "fp16", "bf16"))
+    num_workers: int = _option(4, "data loader processes per rank")
+    gradient_checkpointing: bool = _option(False, "recompute UNet blocks in backward to save memory")
+
+
+def build_parser(defaults=None):
+    """One flag per TrainConfig field; `defaults` (name -> value) replaces the dataclass defaults."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag, extra = "--" + f.name.replace("_", "-"), dict(f.metadata)
+        default = f.default if defaults is None else defaults[f.name]
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, action="store_true", default=default, **extra)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
+            p.add_argument(flag, type=kind, default=default, **extra)
+    return p
 
 
 def parse_args(argv):
-    d = TrainConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=d.model,
-                   help="SD-1.5 folder in the diffusers layout; leave out to train on the toy world")
-    p.add_argument("--tokenizer", default=d.tokenizer,
-                   help="tokenizer folder (vocab.json + merges.txt); needed when --model is a single file")
-    p.add_argument("--data", default=d.data, help="image folder with .txt captions, or a .jsonl file")
-    p.add_argument("--out", default=d.out, help="output folder (out, or runs/toy in the toy world)")
-    p.add_argument("--resolution", type=int, default=d.resolution, help="resize, centre crop (multiple of 8)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process and micro-step")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-steps per optimizer step")
-    p.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps")
-    p.add_argument("--lr", type=float, default=d.lr, help="AdamW, constant")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help="the paper's value; the official script used 1e-2")
-    p.add_argument("--rank", type=int, default=d.rank, help="LoRA rank")
-    p.add_argument("--lambda-reg", type=float, default=d.lambda_reg, help="lambda of Eq. 14 (0: plain LoRA)")
-    p.add_argument("--reg-every", type=int, default=d.reg_every,
-                   help="regularize every k-th step, loss scaled by k (StyleGAN2's lazy regularization)")
-    p.add_argument("--reg-decay", type=float, default=d.reg_decay,
-                   help="decay of the running mean a of Eq. 9 per step; with --reg-every k it is applied as "
-                        "1-(1-decay)^k per regularized step, so a follows the norm as fast in steps")
-    p.add_argument("--reg-timestep-buckets", type=int, default=d.reg_timestep_buckets,
-                   help="keep one running mean a per range of 1000/N timesteps (not in the paper: the norm's "
-                        "scale depends strongly on t); 1 = the paper's single a")
-    p.add_argument("--reg-normalize", choices=("none", "analytic", "relative"), default=d.reg_normalize,
-                   help="none: Eq. 9 as in the paper; analytic: divide the norm by sigma^2/sqrt(abar_t) "
-                        "(regularizer.identity_path_scale); relative: penalise (norm / a - 1)^2 (not in the paper)")
-    p.add_argument("--reg-mode", choices=("vjp", "fd"), default=d.reg_mode,
-                   help="vjp: Eq. 10 by double backward (paper); fd: finite difference, two forwards")
-    p.add_argument("--reg-batch-frac", type=float, default=d.reg_batch_frac,
-                   help="regularize the first ceil(f * batch size) samples of each micro-batch")
-    p.add_argument("--fd-h", type=float, default=d.fd_h,
-                   help="fd step, relative to the noise's expected norm sqrt(C*H*W)")
-    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint interval in steps")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--resume", default=d.resume, help='state.pt to continue from, or "auto" (OUT/state.pt '
-                   "if it exists)")
-    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=d.mixed_precision,
-                   help="frozen weights and autocast in this precision (GPU); the LoRA stays fp32")
-    p.add_argument("--num-workers", type=int, default=d.num_workers, help="data loader processes per rank")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet blocks in backward")
+    """-> (TrainConfig, the names of the fields given on the command line)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = TrainConfig(**vars(p.parse_args(argv)))
-    given = {s.split("=")[0] for s in argv}
-    explicit = {a.dest for a in p._actions if given & set(a.option_strings)}
-    return cfg, explicit
+    cfg = TrainConfig(**vars(build_parser().parse_args(argv)))
+    # A second parse with every default suppressed holds only the flags the user gave.
+    given = build_parser(defaults={f.name: argparse.SUPPRESS for f in dataclasses.fields(TrainConfig)})
+    return cfg, set(vars(given.parse_args(argv)))
 
 
 def check_config(cfg):
@@ -160,6 +151,8 @@ def check_config(cfg):
                          "use --mixed-precision no.")
 
 
+# ------------------------------------------------------------------------------ the toy world (toy.py)
+
 def use_toy_world(cfg, explicit, master):
     """No --model: train on the toy world (toy.py), with its smaller defaults unless a flag was given."""
     import toy
@@ -176,7 +169,16 @@ def use_toy_world(cfg, explicit, master):
         cfg.out = str(ROOT / "runs" / "toy")
 
 
-def per_sample_randomness(seed, keys, shape):
+def report_toy_world(cfg, result):
+    """After a finished toy-world run: the before/after ISTD report of toy.py."""
+    import toy
+
+    toy.report(cfg.model, str(result.lora_path), cfg.out)
+
+
+# ------------------------------------------------------------------------------ one micro-step
+
+def per_sample_randomness(seed, keys, shape, num_train_timesteps):
     """Timestep, noise, regularizer direction and VAE posterior noise for each sample.
 
     Drawn from a generator seeded by (seed, key), with key = the sample's position in the global data
@@ -185,34 +187,36 @@ def per_sample_randomness(seed, keys, shape):
     t, noise, direction, posterior = [], [], [], []
     for key in keys.tolist():
         g = torch.Generator().manual_seed(data.derive_seed(seed, data.SAMPLE_STREAM, key))
-        t.append(torch.randint(0, 1000, (), generator=g))  # t ~ U{0..999}, as the official code
+        t.append(torch.randint(0, num_train_timesteps, (), generator=g))  # t ~ U{0..T-1}, as the official code
         noise.append(torch.randn(shape, generator=g))
         direction.append(torch.randn(shape, generator=g))
         posterior.append(torch.randn(shape, generator=g))
     return torch.stack(t), torch.stack(noise), torch.stack(direction), torch.stack(posterior)
 
 
-def micro_step(cfg, unet, models, reg, batch, alphas_cumprod, regularize, device, autocast):
-    """Eq. 14 for one micro-batch -> (loss, base loss, reg loss, mean variation norm)."""
-    with torch.no_grad(), autocast():
-        pixels = batch["pixels"].to(device, next(models.vae.parameters()).dtype)
-        mean, logvar = models.vae.encode(pixels)
-        text = models.encode_prompt(batch["captions"])
-    t, noise, direction, posterior = per_sample_randomness(cfg.seed, batch["keys"], mean.shape[1:])
-    t, noise, direction, posterior = (x.to(device) for x in (t, noise, direction, posterior))
-    # The VAE posterior sample, as the official code (.sample()), seeded per sample like the noise.
-    latents = (mean.float() + (0.5 * logvar.float()).exp() * posterior) * models.vae.scaling_factor
-    abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+def smooth_diffusion_loss(unet, latents, noise, timesteps, text, direction, alphas_cumprod, *, reg=None,
+                          reg_mode="vjp", reg_batch_frac=1.0, lambda_reg=1.0, lazy_scale=1, fd_h=1e-2,
+                          reg_normalize="none", autocast=contextlib.nullcontext):
+    """Eq. 14 for one micro-batch -> (loss, base loss, reg loss, mean variation norm).
+
+    latents z0, noise eps, direction u: [B, C, h, w]; timesteps, text: per sample. reg_mode "vjp" is
+    Eq. 10 by double backward (the paper), "fd" its finite difference (step fd_h relative to the noise's
+    expected norm), "none" the plain eps-MSE. reg_normalize "analytic" divides the norm by
+    regularizer.identity_path_scale (not in the paper). The first ceil(reg_batch_frac * B) samples are regularized,
+    and the penalty is scaled by lambda_reg and by lazy_scale (k of --reg-every k). `reg` is the
+    StepwiseVariationRegularizer holding the running mean a of Eq. 9 (updated in training mode).
+    """
+    abar = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
     x_t = abar.sqrt() * latents + (1 - abar).sqrt() * noise  # Eq. 2
-    b = len(t)
-    n = math.ceil(cfg.reg_batch_frac * b) if regularize else 0  # the first n samples are regularized
+    b = len(timesteps)
+    n = math.ceil(reg_batch_frac * b) if reg_mode != "none" else 0  # the first n samples are regularized
     sigma = (1 - abar[:n]).sqrt().flatten()  # sqrt(1 - abar_t) of Eq. 9/10
 
     def forward(x, sl, double_backward=False):
         with attention.double_backward(double_backward), autocast():
-            return unet(x, t[sl], text[sl]).float()
+            return unet(x, timesteps[sl], text[sl]).float()
 
-    if regularize and cfg.reg_mode == "vjp":
+    if reg_mode == "vjp":
         # Fig. 2(d): x_t of the regularized samples as a function of their noise, the leaf of Eq. 10.
         noise_reg = noise[:n].clone().requires_grad_()
         x_reg = abar[:n].sqrt() * latents[:n] + (1 - abar[:n]).sqrt() * noise_reg  # Eq. 2
@@ -221,29 +225,53 @@ def micro_step(cfg, unet, models, reg, batch, alphas_cumprod, regularize, device
         eps_pred = torch.cat([eps_reg, forward(x_t[n:], slice(n, b))]) if n < b else eps_reg
         x0_pred = regularizer.predict_x0(x_reg, eps_reg, abar[:n].flatten())
         norms = regularizer.variation_norm(x0_pred, noise_reg, sigma, direction[:n])  # Eq. 10
-    elif regularize:  # fd: one batched forward for x_t and for x_t(eps + h v)
-        h = cfg.fd_h * math.sqrt(noise[0].numel())
+    elif reg_mode == "fd":  # one batched forward for x_t and for x_t(eps + h v)
+        h = fd_h * math.sqrt(noise[0].numel())
         v = direction[:n] / direction[:n].flatten(1).norm(dim=1).view(-1, 1, 1, 1)  # unit length
         x_shift = abar[:n].sqrt() * latents[:n] + (1 - abar[:n]).sqrt() * (noise[:n] + h * v)  # Eq. 2
         with attention.double_backward(False), autocast():
-            eps_all = unet(torch.cat([x_t, x_shift]), torch.cat([t, t[:n]]),
+            eps_all = unet(torch.cat([x_t, x_shift]), torch.cat([timesteps, timesteps[:n]]),
                            torch.cat([text, text[:n]])).float()
         eps_pred = eps_all[:b]
         x0_pred = regularizer.predict_x0(x_t[:n], eps_pred[:n], abar[:n].flatten())
         x0_shift = regularizer.predict_x0(x_shift, eps_all[b:], abar[:n].flatten())
         norms = regularizer.fd_variation_norm(x0_pred, x0_shift, h, sigma)
-    else:
+    elif reg_mode == "none":
         eps_pred = forward(x_t, slice(0, b))
+    else:
+        raise ValueError(f"reg_mode must be vjp, fd or none, got {reg_mode!r}")
     loss_base = F.mse_loss(eps_pred, noise)  # L_base of Eq. 14
-    if not regularize:
+    if reg_mode == "none":
         zero = loss_base.new_zeros(())
         return loss_base, loss_base.detach(), zero, zero
-    if cfg.reg_normalize == "analytic":  # leaves ||(I - sigma D)^T u||, see regularizer.identity_path_scale
+    if reg_normalize == "analytic":  # leaves ||(I - sigma D)^T u||, see regularizer.identity_path_scale
         norms = norms / regularizer.identity_path_scale(abar[:n].flatten())
-    loss_reg = reg.penalty(norms, t[:n])  # Eq. 9 (updates the running mean a, averaged over ranks)
-    loss = loss_base + cfg.lambda_reg * cfg.reg_every * loss_reg  # Eq. 14, lazy: scaled by k
+    loss_reg = reg.penalty(norms, timesteps[:n])  # Eq. 9 (updates the running mean a, averaged over ranks)
+    loss = loss_base + lambda_reg * lazy_scale * loss_reg  # Eq. 14, lazy: scaled by k
     return loss, loss_base.detach(), loss_reg.detach(), norms.detach().mean()
 
+
+def micro_step(cfg, ddp_unet, sd, reg, batch, schedule, regularize, device, autocast):
+    """The data part of a micro-step (VAE encode, per-sample randomness), then Eq. 14 ->
+    (loss, base loss, reg loss, mean variation norm). `ddp_unet` is the UNet, DDP-wrapped when distributed;
+    `sd` holds the frozen VAE and text encoder."""
+    with torch.no_grad(), autocast():
+        pixels = batch["pixels"].to(device, next(sd.vae.parameters()).dtype)
+        mean, logvar = sd.vae.encode(pixels)
+        text = sd.encode_prompt(batch["captions"])
+    t, noise, direction, posterior = per_sample_randomness(cfg.seed, batch["keys"], mean.shape[1:],
+                                                           schedule.num_train_timesteps)
+    t, noise, direction, posterior = (x.to(device) for x in (t, noise, direction, posterior))
+    # The VAE posterior sample, as the official code (.sample()), seeded per sample like the noise.
+    latents = (mean.float() + (0.5 * logvar.float()).exp() * posterior) * sd.vae.scaling_factor
+    return smooth_diffusion_loss(
+        ddp_unet, latents, noise, t, text, direction, schedule.alphas_cumprod.to(device), reg=reg,
+        reg_mode=cfg.reg_mode if regularize else "none", reg_batch_frac=cfg.reg_batch_frac,
+        lambda_reg=cfg.lambda_reg, lazy_scale=cfg.reg_every, fd_h=cfg.fd_h, reg_normalize=cfg.reg_normalize,
+        autocast=autocast)
+
+
+# ------------------------------------------------------------------------------ checkpoints
 
 def atomic_save(path, write):
     """write(tmp) then rename: a kill at any moment leaves either the old file or the new one."""
@@ -288,12 +316,63 @@ def load_checkpoint(path, unet, optimizer, scaler, reg):
     return state
 
 
+# ------------------------------------------------------------------------------ processes and logs
+
+@dataclass
+class World:
+    """This process's place among the torchrun processes (a world of one without torchrun)."""
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    distributed: bool = False
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def setup_distributed():
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python train.py` is a world of one."""
+    env = os.environ
+    local_rank = int(env.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    world = World(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), local_rank, device, "RANK" in env)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world.distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return world
+
+
+def teardown_distributed(world):
+    if world.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_gather_union(items, world):
-    if world == 1:
+    if world.size == 1:
         return set(items)
-    gathered = [None] * world
+    gathered = [None] * world.size
     dist.all_gather_object(gathered, sorted(items))
     return set().union(*gathered)
+
+
+def open_log(out, resumed_at):
+    """OUT/log.jsonl, one JSON record per step; a resume drops the lines of steps after its checkpoint."""
+    log_path = out / "log.jsonl"
+    if resumed_at is not None and log_path.exists():
+        lines = log_path.read_text().splitlines()
+        log_path.write_text("".join(l + "\n" for l in lines if json.loads(l).get("step", 0) <= resumed_at))
+    elif resumed_at is None:
+        log_path.write_text("")
+    return log_path
+
+
+def append_log(log_path, record):
+    with open(log_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def peak_memory(device):
@@ -302,126 +381,144 @@ def peak_memory(device):
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB peak RSS"
 
 
-def main(argv=None):
-    cfg, explicit = parse_args(argv)
-    # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python train.py` is a world of one.
-    distributed = "RANK" in os.environ
-    rank = int(os.environ.get("RANK", 0))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    master = rank == 0
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+def catch_stop_signals():
+    """SIGTERM / Ctrl-C: finish the step, save, exit. Returns the dict where the signal is recorded."""
+    stop = {"signal": None}
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, lambda signum, frame: stop.update(signal=signum))
+    return stop
 
-    # ---- everything that can be wrong with the input fails here, before any training ----
-    toy_world = cfg.model is None
+
+# ------------------------------------------------------------------------------ the training run
+
+def load_inputs(cfg, world, out):
+    """Everything that can be wrong with the input fails here, before any training -> (dataset, sd,
+    the state.pt to resume from or None)."""
     try:
-        if toy_world:
-            use_toy_world(cfg, explicit, master)
-            if distributed:
-                dist.barrier()  # rank 0 may have written the toy data
         check_config(cfg)
         dataset = data.CaptionDataset(cfg.data, cfg.resolution)
         frozen_dtype = dict(no=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)[cfg.mixed_precision]
-        models = checkpoint.load_models(cfg.model, tokenizer=cfg.tokenizer, device=device, dtype=frozen_dtype)
+        sd = checkpoint.load_models(cfg.model, tokenizer=cfg.tokenizer, device=world.device, dtype=frozen_dtype)
     except (ValueError, OSError) as e:
         raise SystemExit(f"train.py: error: {e}")
-    out = Path(cfg.out or "out")
     resume = cfg.resume
     if resume == "auto":
         resume = out / "state.pt" if (out / "state.pt").exists() else None
     if resume is not None and not Path(resume).exists():
         raise SystemExit(f"train.py: error: --resume {resume} does not exist.")
+    return dataset, sd, resume
 
-    # ---- model: frozen SD-1.5 + trainable fp32 LoRA on the UNet's attention projections ----
+
+def add_lora(cfg, sd, world, num_train_timesteps):
+    """Frozen SD-1.5 + a trainable fp32 LoRA on the UNet's attention projections -> (params, reg, optimizer,
+    scaler)."""
     torch.manual_seed(cfg.seed)  # the LoRA init; identical on every rank
-    for part in (models.unet, models.vae, models.text_encoder):
+    for part in (sd.unet, sd.vae, sd.text_encoder):
         part.requires_grad_(False).eval()
-    unet = models.unet
-    lora.inject_lora(unet, rank=cfg.rank)
-    lora_params = lora.freeze_all_but_lora(unet)  # fp32, whatever the frozen weights' dtype
+    lora.inject_lora(sd.unet, rank=cfg.rank)
+    lora_params = lora.freeze_all_but_lora(sd.unet)  # fp32, whatever the frozen weights' dtype
     if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
+        sd.unet.enable_gradient_checkpointing()
+    sd.unet.train()
     # Lazy regularization updates a only every k-th step: compound the decay so that a keeps pace.
-    reg = regularizer.StepwiseVariationRegularizer(decay=1 - (1 - cfg.reg_decay) ** cfg.reg_every,
-                                                   timestep_buckets=cfg.reg_timestep_buckets,
-                                                   relative=cfg.reg_normalize == "relative").to(device).train()
+    reg = regularizer.StepwiseVariationRegularizer(
+        decay=1 - (1 - cfg.reg_decay) ** cfg.reg_every, timestep_buckets=cfg.reg_timestep_buckets,
+        num_train_timesteps=num_train_timesteps, relative=cfg.reg_normalize == "relative").to(world.device).train()
     optimizer = torch.optim.AdamW(lora_params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
+    scaler = torch.amp.GradScaler(world.device.type, enabled=cfg.mixed_precision == "fp16")
+    return lora_params, reg, optimizer, scaler
+
+
+def make_loader(cfg, dataset, samples_seen, world):
+    """Batches from the global seeded stream at `samples_seen`, this rank's slice of each global batch."""
+    return iter(torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, collate_fn=data.collate, num_workers=cfg.num_workers,
+        worker_init_fn=data.ignore_stop_signals,
+        sampler=data.stream_keys(len(dataset), cfg.seed, samples_seen, world.rank, world.size, cfg.batch_size),
+        pin_memory=world.device.type == "cuda"))
+
+
+def accumulate_gradients(cfg, ddp_unet, sd, reg, batches, schedule, regularize, world, autocast, scaler,
+                         skipped):
+    """grad_accum micro-steps; gradients are all-reduced only on the last -> mean stats over micro-steps
+    (loss, base loss, reg loss, variation norm)."""
+    stats = torch.zeros(4, device=world.device)
+    for micro in range(cfg.grad_accum):
+        batch = next(batches)
+        for path in batch["skipped"]:
+            if path not in skipped:
+                skipped.add(path)
+                tqdm.write(f"skipping unreadable image {path}", file=sys.stderr)
+        last = micro == cfg.grad_accum - 1
+        with contextlib.nullcontext() if last or not world.distributed else ddp_unet.no_sync():
+            loss, loss_base, loss_reg, norm = micro_step(
+                cfg, ddp_unet, sd, reg, batch, schedule, regularize, world.device, autocast)
+            scaler.scale(loss / cfg.grad_accum).backward()
+        stats += torch.stack([loss.detach(), loss_base, loss_reg, norm]) / cfg.grad_accum
+    return stats
+
+
+def reduce_over_ranks(stats, stop, world):
+    """Mean of the step's stats over ranks, and one shared decision to stop (any rank got a signal)."""
+    flags = torch.tensor([float(stop["signal"] is not None)], device=world.device)
+    if world.distributed:
+        dist.all_reduce(stats)
+        stats /= world.size
+        dist.all_reduce(flags)
+    return stats.tolist(), flags.item() > 0
+
+
+@dataclass
+class TrainResult:
+    exit_code: int  # 0: finished or stopped by a signal; 1: a non-finite loss stopped it
+    step: int  # the last optimizer step done
+    out: Path
+
+    @property
+    def lora_path(self):
+        return self.out / "smooth_lora.safetensors"
+
+
+def train(cfg, world):
+    """One whole training run of `cfg` (a Smooth-LoRA, or with lambda_reg 0 its plain-LoRA control)."""
+    out = Path(cfg.out or "out")
+    dataset, sd, resume = load_inputs(cfg, world, out)
+    schedule = sampler.make_schedule(sd.scheduler_config)
+    lora_params, reg, optimizer, scaler = add_lora(cfg, sd, world, schedule.num_train_timesteps)
     step, samples_seen, skipped = 0, 0, set()
     if resume is not None:
         try:
-            state = load_checkpoint(resume, unet, optimizer, scaler, reg)
+            state = load_checkpoint(resume, sd.unet, optimizer, scaler, reg)
         except (ValueError, OSError, KeyError) as e:
             raise SystemExit(f"train.py: error: cannot resume from {resume}: {e!r}")
         step, samples_seen, skipped = state["step"], state["samples_seen"], set(state["skipped"])
-        if master:
+        if world.master:
             print(f"resumed from {resume} at step {step}")
-    model = DDP(unet, device_ids=[local_rank] if device.type == "cuda" else None,
-                find_unused_parameters=False) if distributed else unet
-    alphas_cumprod = sampler.make_schedule(models.scheduler_config).alphas_cumprod.to(device)
-
-    def autocast():
-        if cfg.mixed_precision == "no":
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=frozen_dtype)
-
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size, collate_fn=data.collate, num_workers=cfg.num_workers,
-        worker_init_fn=data.ignore_stop_signals,
-        sampler=data.stream_keys(len(dataset), cfg.seed, samples_seen, rank, world, cfg.batch_size),
-        pin_memory=device.type == "cuda")
-    batches = iter(loader)
-
-    stop = {"signal": None}
-    for s in (signal.SIGTERM, signal.SIGINT):  # finish the step, save, exit
-        signal.signal(s, lambda signum, frame: stop.update(signal=signum))
-
-    if master:
+    ddp_unet = DDP(sd.unet, device_ids=[world.local_rank] if world.device.type == "cuda" else None,
+                   find_unused_parameters=False) if world.distributed else sd.unet
+    autocast = make_autocast(cfg, world.device)
+    batches = make_loader(cfg, dataset, samples_seen, world)
+    stop = catch_stop_signals()
+    if world.master:
         out.mkdir(parents=True, exist_ok=True)
-        log_path = out / "log.jsonl"
-        if resume is not None and log_path.exists():  # drop log lines of steps after the checkpoint
-            lines = log_path.read_text().splitlines()
-            log_path.write_text("".join(l + "\n" for l in lines if json.loads(l).get("step", 0) <= step))
-        elif resume is None:
-            log_path.write_text("")
-        print(f"training {sum(p.numel() for p in lora_params):,} LoRA parameters on {world} x {device.type}, "
-              f"global batch {cfg.batch_size * world * cfg.grad_accum}, {len(dataset)} images -> {out}")
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, dynamic_ncols=True)
+        log_path = open_log(out, step if resume is not None else None)
+        print(f"training {sum(p.numel() for p in lora_params):,} LoRA parameters on {world.size} x "
+              f"{world.device.type}, global batch {cfg.batch_size * world.size * cfg.grad_accum}, "
+              f"{len(dataset)} images -> {out}")
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not world.master, dynamic_ncols=True)
     start_step, t0, exit_code = step, time.time(), 0
     while step < cfg.max_steps:
         regularize = cfg.lambda_reg > 0 and step % cfg.reg_every == 0
-        stats = torch.zeros(4, device=device)  # loss, base loss, reg loss, variation norm (sums)
-        for micro in range(cfg.grad_accum):
-            batch = next(batches)
-            for path in batch["skipped"]:
-                if path not in skipped:
-                    skipped.add(path)
-                    tqdm.write(f"skipping unreadable image {path}", file=sys.stderr)
-            last = micro == cfg.grad_accum - 1
-            # Gradients are all-reduced only on the last micro-step.
-            with contextlib.nullcontext() if last or not distributed else model.no_sync():
-                loss, loss_base, loss_reg, norm = micro_step(
-                    cfg, model, models, reg, batch, alphas_cumprod, regularize, device, autocast)
-                scaler.scale(loss / cfg.grad_accum).backward()
-            stats += torch.stack([loss.detach(), loss_base, loss_reg, norm]) / cfg.grad_accum
-        samples_seen += cfg.grad_accum * world * cfg.batch_size
-        flags = torch.tensor([float(stop["signal"] is not None)], device=device)
-        if distributed:  # mean over ranks, and one shared decision to stop
-            dist.all_reduce(stats)
-            stats /= world
-            dist.all_reduce(flags)
-        loss, loss_base, loss_reg, norm = stats.tolist()
+        stats = accumulate_gradients(cfg, ddp_unet, sd, reg, batches, schedule, regularize, world, autocast,
+                                     scaler, skipped)
+        samples_seen += cfg.grad_accum * world.size * cfg.batch_size
+        (loss, loss_base, loss_reg, norm), stopping = reduce_over_ranks(stats, stop, world)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, 1.0).item()
         # (With fp16 the scaler skips steps with inf gradients by itself; a non-finite loss still stops.)
         if not math.isfinite(loss) or not (math.isfinite(grad_norm) or scaler.is_enabled()):
-            if master:
+            if world.master:
                 tqdm.write(f"train.py: loss is {loss} at step {step + 1} (base {loss_base}, reg {loss_reg}, "
                            f"gradient norm {grad_norm}); stopping. The last good checkpoint in {out} is "
                            "kept; try a lower --lr or --mixed-precision no/bf16.", file=sys.stderr)
@@ -434,43 +531,61 @@ def main(argv=None):
         a = reg.a.mean().item()  # with timestep buckets: their mean (each bucket in a_per_bucket)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", reg=f"{loss_reg:.3g}", var=f"{norm:.3g}", a=f"{a:.3g}")
-        if master:
+        if world.master:
             record = dict(step=step, loss=loss, loss_base=loss_base, loss_reg=loss_reg, var_norm=norm,
                           a=a, regularized=regularize, grad_norm=grad_norm, lr=cfg.lr,
                           samples_seen=samples_seen, time=round(time.time() - t0, 3))
             if reg.a.ndim:
                 record["a_per_bucket"] = [round(x, 6) for x in reg.a.tolist()]
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        stopping = flags.item() > 0
+            append_log(log_path, record)
         if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
             skipped = all_gather_union(skipped, world)
-            if master:
-                save_checkpoint(out, unet, optimizer, scaler, reg, step, samples_seen, cfg, skipped)
+            if world.master:
+                save_checkpoint(out, sd.unet, optimizer, scaler, reg, step, samples_seen, cfg, skipped)
         if stopping:
-            if master:
+            if world.master:
                 tqdm.write(f"stopped by signal at step {step}; checkpoint saved in {out} "
                            "(continue with --resume auto)")
             break
     bar.close()
-
     skipped = all_gather_union(skipped, world)
-    if master:
-        elapsed = time.time() - t0
-        images = (step - start_step) * cfg.grad_accum * world * cfg.batch_size
-        print(f"skipped {len(skipped)} unreadable images" + (f": {sorted(skipped)[:5]}" if skipped else ""))
-        print(f"done: {step - start_step} steps (to step {step}) in {elapsed:.1f} s, "
-              f"{images / max(elapsed, 1e-9):.2f} images/s, {peak_memory(device)}; LoRA in "
-              f"{out / 'smooth_lora.safetensors'}")
-    if distributed:
-        del model  # DDP's reducer must go before its process group (else gloo may abort at exit)
-        dist.barrier()
-        dist.destroy_process_group()
-    if toy_world and master and exit_code == 0 and step == cfg.max_steps:
-        import toy
+    if world.master:
+        print_summary(cfg, step - start_step, step, time.time() - t0, skipped, world, out)
+    del ddp_unet  # DDP's reducer must go before its process group (else gloo may abort at exit)
+    return TrainResult(exit_code, step, out)
 
-        toy.report(cfg.model, str(out / "smooth_lora.safetensors"), str(out))
-    return exit_code
+
+def make_autocast(cfg, device):
+    """A function returning the autocast context of --mixed-precision (a no-op for "no")."""
+    if cfg.mixed_precision == "no":
+        return contextlib.nullcontext
+    dtype = dict(fp16=torch.float16, bf16=torch.bfloat16)[cfg.mixed_precision]
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def print_summary(cfg, steps_done, step, elapsed, skipped, world, out):
+    images = steps_done * cfg.grad_accum * world.size * cfg.batch_size
+    print(f"skipped {len(skipped)} unreadable images" + (f": {sorted(skipped)[:5]}" if skipped else ""))
+    print(f"done: {steps_done} steps (to step {step}) in {elapsed:.1f} s, "
+          f"{images / max(elapsed, 1e-9):.2f} images/s, {peak_memory(world.device)}; LoRA in "
+          f"{out / 'smooth_lora.safetensors'}")
+
+
+def main(argv=None):
+    cfg, explicit = parse_args(argv)
+    world = setup_distributed()
+    # ---- the toy world: no --model trains on toy.py's tiny SD with its defaults, then reports ----
+    toy_world = cfg.model is None
+    if toy_world:
+        use_toy_world(cfg, explicit, world.master)
+        if world.distributed:
+            dist.barrier()  # rank 0 may have written the toy data
+    result = train(cfg, world)
+    teardown_distributed(world)
+    if toy_world and world.master and result.exit_code == 0 and result.step == cfg.max_steps:
+        report_toy_world(cfg, result)
+    # ---- end of the toy world ----
+    return result.exit_code
 
 
 if __name__ == "__main__":

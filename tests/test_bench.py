@@ -39,8 +39,8 @@ def record(monkeypatch):
         return variation_norm(x0_pred, noise, *args)
 
     penalty = regularizer.StepwiseVariationRegularizer.penalty
-    def logged_penalty(self, norms):
-        loss = penalty(self, norms)
+    def logged_penalty(self, norms, timesteps=None):
+        loss = penalty(self, norms, timesteps)
         # d(step loss) / d(penalty): the factor the step puts on Eq. 9 (lambda x k in train.py).
         loss.register_hook(lambda g: log["penalty_grads"].append(g.item()))
         return loss

@@ -232,11 +232,11 @@ def test_images_are_resized_on_the_short_side_and_centre_cropped(tmp_path):
     pixels = np.zeros((16, 32, 3), dtype=np.uint8)
     pixels[..., 0] = x
     Image.fromarray(pixels).save(tmp_path / "wide.png")
-    image = data.load_image(tmp_path / "wide.png", 16)  # short side already 16: only the crop acts
+    image = data.load_training_image(tmp_path / "wide.png", 16)  # short side already 16: only the crop acts
     assert image.shape == (3, 16, 16)
     expected_red = torch.from_numpy(x[8:24].astype(np.float32)) / 127.5 - 1
     torch.testing.assert_close(image[0, 0], expected_red)
-    assert data.load_image(tmp_path / "wide.png", 8).shape == (3, 8, 8)
+    assert data.load_training_image(tmp_path / "wide.png", 8).shape == (3, 8, 8)
 
 
 def test_data_order_depends_on_the_global_position_only():
@@ -278,13 +278,13 @@ def test_partial_regularization_equals_its_per_sample_pieces(tiny_sd, images):
     lora.freeze_all_but_lora(models.unet)
     reg = regularizer.StepwiseVariationRegularizer().eval()  # a fixed running mean
     reg.a.fill_(0.3)
-    abar = sampler.make_schedule(models.scheduler_config).alphas_cumprod
+    schedule = sampler.make_schedule(models.scheduler_config)
     dataset = data.CaptionDataset(images, 16)
     s0, s1 = dataset[(0, 10)], dataset[(1, 11)]
 
     def step(samples, regularize, **config):
         loss, base, loss_reg, _ = train.micro_step(
-            train.TrainConfig(**config), models.unet, models, reg, data.collate(samples), abar, regularize,
+            train.TrainConfig(**config), models.unet, models, reg, data.collate(samples), schedule, regularize,
             torch.device("cpu"), contextlib.nullcontext)
         return base, loss_reg, torch.autograd.grad(loss, params)
 
