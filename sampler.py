@@ -1,4 +1,4 @@
-"""DDIM sampling, inversion, interpolation and editing, and the metrics of Smooth Diffusion (Sec. 3.1, 4).
+"""DDIM sampling, inversion, interpolation and editing of Smooth Diffusion (Sec. 3.1, 4), and its demo CLI.
 
 What is here, in the order of the paper:
   * the DDIM sampler (Eq. 3) with classifier-free guidance (Eq. 5), on SD-1.5's schedule;
@@ -7,8 +7,8 @@ What is here, in the order of the paper:
   * interpolation: slerp between two noises, between two inverted real images, and the VAE-space
     baseline (Sec. 4.1, Fig. 3);
   * text-based editing by switching the prompt during the NTI reconstruction (Eq. 15, Sec. 4.4);
-  * ISTD (Sec. 4.1) and the reconstruction metrics MSE / PSNR / SSIM of Table 2; its LPIPS is in
-    perceptual.py and needs ImageNet weights the user brings (`invert --lpips-weights`).
+  * the ISTD protocol (Sec. 4.1): interpolation strips on fixed noise pairs, scored by metrics.py
+    (which also holds Table 2's MSE / PSNR / SSIM / LPIPS).
 
 `unet` is any callable `(x, t, context) -> eps` (our `unet.UNet` is one); timesteps are passed to it
 as a [B] LongTensor. Run `python sampler.py` for the toy interpolation demo, or e.g.
@@ -23,19 +23,18 @@ as a [B] LongTensor. Run `python sampler.py` for the toy interpolation demo, or 
 import argparse
 import json
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 import checkpoint
 import lora
-import perceptual
+import media
+import metrics
 
 # SD-1.5's scheduler_config.json (a PNDM config; what DDIMScheduler.from_config reads from it).
 SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -97,7 +96,7 @@ def _abar(schedule, t):
 
 # ------------------------------------------------------------------------------------ DDIM sampling
 
-def ddim_step(x, eps, abar_t, abar_prev, eta=0.0, noise=None):
+def ddim_step(x, eps, abar_t, abar_prev, *, eta=0.0, noise=None):
     """Move x from noise level abar_t to abar_prev with the noise estimate eps (DDIM, Song et al. 2021).
 
     At eta=0 this is the paper's Eq. 3 and, with the levels swapped, Eq. 4.
@@ -127,7 +126,7 @@ def _timestep(t, x):
     return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
 
 
-def guided_eps(unet, x, t, cond, uncond=None, guidance=7.5):
+def guided_eps(unet, x, t, cond, uncond=None, *, guidance=7.5):
     """Eq. 5, w * eps(x, t, cond) + (1 - w) * eps(x, t, null), in one UNet call on the batch [uncond, cond].
 
     Without uncond (or at w = 1) this is the conditional prediction alone.
@@ -147,7 +146,7 @@ def _check_per_step(name, value, steps):
 
 
 @torch.no_grad()
-def ddim_sample(unet, latents, cond, uncond=None, steps=50, guidance=7.5, eta=0.0, schedule=None,
+def ddim_sample(unet, latents, cond, uncond=None, *, steps=50, guidance=7.5, eta=0.0, schedule=None,
                 generator=None, progress=True):
     """Run the backward process (Eq. 3) from x_T = latents with classifier-free guidance (Eq. 5).
 
@@ -161,19 +160,19 @@ def ddim_sample(unet, latents, cond, uncond=None, steps=50, guidance=7.5, eta=0.
     stride = schedule.num_train_timesteps // steps
     x = latents
     for i, t in enumerate(tqdm(ddim_timesteps(steps, schedule).tolist(), desc="DDIM", disable=not progress)):
-        eps = guided_eps(unet, x, t, _at(cond, i), _at(uncond, i), guidance)
+        eps = guided_eps(unet, x, t, _at(cond, i), _at(uncond, i), guidance=guidance)
         noise = None
         if eta > 0:
             device = generator.device if generator is not None else x.device
             noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
-        x = ddim_step(x, eps, _abar(schedule, t), _abar(schedule, t - stride), eta, noise)
+        x = ddim_step(x, eps, _abar(schedule, t), _abar(schedule, t - stride), eta=eta, noise=noise)
     return x
 
 
 # -------------------------------------------------------------------------------------- inversion
 
 @torch.no_grad()
-def ddim_inversion_trajectory(unet, latents, cond, steps=50, schedule=None, progress=True):
+def ddim_inversion_trajectory(unet, latents, cond, *, steps=50, schedule=None, progress=True):
     """DDIM inversion (Eq. 4) as in null-text inversion's code: conditional branch only, no guidance.
 
     The step to timestep t uses eps(x, t, cond) evaluated on the latent still at the level below t
@@ -189,12 +188,12 @@ def ddim_inversion_trajectory(unet, latents, cond, steps=50, schedule=None, prog
     return trajectory
 
 
-def ddim_invert(unet, latents, cond, steps=50, schedule=None, progress=True):
+def ddim_invert(unet, latents, cond, *, steps=50, schedule=None, progress=True):
     """x_T from DDIM inversion (Eq. 4); see `ddim_inversion_trajectory` for the convention."""
-    return ddim_inversion_trajectory(unet, latents, cond, steps, schedule, progress)[-1]
+    return ddim_inversion_trajectory(unet, latents, cond, steps=steps, schedule=schedule, progress=progress)[-1]
 
 
-def null_text_invert(unet, latents, cond, uncond, steps=50, guidance=7.5, inner_steps=10, lr=1e-2,
+def null_text_invert(unet, latents, cond, uncond, *, steps=50, guidance=7.5, inner_steps=10, lr=1e-2,
                      early_stop=1e-5, schedule=None, progress=True):
     """Null-text inversion (Mokady et al. 2023): x_T and one optimised null embedding per step.
 
@@ -211,7 +210,7 @@ def null_text_invert(unet, latents, cond, uncond, steps=50, guidance=7.5, inner_
     """
     schedule = schedule or make_schedule()
     stride = schedule.num_train_timesteps // steps
-    trajectory = ddim_inversion_trajectory(unet, latents, cond, steps, schedule, progress)
+    trajectory = ddim_inversion_trajectory(unet, latents, cond, steps=steps, schedule=schedule, progress=progress)
     cond = _batch(cond, latents.shape[0])
     x, null, nulls = trajectory[-1], uncond.detach(), []
     for i, t in enumerate(tqdm(ddim_timesteps(steps, schedule).tolist(), desc="null-text inversion",
@@ -235,7 +234,7 @@ def null_text_invert(unet, latents, cond, uncond, steps=50, guidance=7.5, inner_
         null = null.detach()
         nulls.append(null)
         with torch.no_grad():
-            x = ddim_step(x, guided_eps(unet, x, t, cond, null, guidance), abar_t, abar_prev)
+            x = ddim_step(x, guided_eps(unet, x, t, cond, null, guidance=guidance), abar_t, abar_prev)
     return trajectory[-1], nulls
 
 
@@ -270,7 +269,7 @@ def encode_images(vae, images01):
 
 # ----------------------------------------------------------------------------------- interpolation
 
-def slerp(t, v0, v1, dot_threshold=0.9995):
+def slerp(t, v0, v1, *, dot_threshold=0.9995):
     """Spherical interpolation between two tensors, each treated as one flat vector (Stable Diffusion Walk).
 
     Falls back to linear interpolation when the vectors are nearly parallel (|cos| > dot_threshold),
@@ -286,7 +285,7 @@ def slerp(t, v0, v1, dot_threshold=0.9995):
     return out.to(v0.dtype)
 
 
-def interpolate_noises(noise_a, noise_b, frames=11):
+def interpolate_noises(noise_a, noise_b, *, frames=11):
     """[frames, ...] noises slerped at ratios 0, 1/(frames-1), ..., 1 (11 frames: 0, 0.1, ..., 1, Sec. 4.1)."""
     return torch.cat([slerp(t, noise_a, noise_b) for t in torch.linspace(0, 1, frames).tolist()])
 
@@ -299,8 +298,8 @@ def _lerp(a, b, t):
 
 
 @torch.no_grad()
-def interpolate(unet, vae, noise_a, noise_b, cond_a, cond_b=None, uncond_a=None, uncond_b=None,
-                frames=11, steps=50, guidance=7.5, schedule=None, progress=True):
+def interpolate(unet, vae, noise_a, noise_b, *, cond_a, cond_b=None, uncond_a=None, uncond_b=None, frames=11,
+                steps=50, guidance=7.5, schedule=None, progress=True):
     """Images along the slerp from noise_a to noise_b, [frames, 3, H, W] in [0, 1].
 
     The prompt embeddings (cond) and the null embeddings (uncond: a tensor, or per-step lists from
@@ -309,17 +308,17 @@ def interpolate(unet, vae, noise_a, noise_b, cond_a, cond_b=None, uncond_a=None,
     """
     cond_b = cond_a if cond_b is None else cond_b
     uncond_b = uncond_a if uncond_b is None else uncond_b
-    noises = interpolate_noises(noise_a, noise_b, frames)
+    noises = interpolate_noises(noise_a, noise_b, frames=frames)
     images = []
     for k, t in enumerate(tqdm(torch.linspace(0, 1, frames).tolist(), desc="frames", disable=not progress)):
         latents = ddim_sample(unet, noises[k:k + 1], _lerp(cond_a, cond_b, t), _lerp(uncond_a, uncond_b, t),
-                              steps, guidance, schedule=schedule, progress=False)
+                              steps=steps, guidance=guidance, schedule=schedule, progress=False)
         images.append(decode_latents(vae, latents))
     return torch.cat(images)
 
 
 @torch.no_grad()
-def interpolate_vae(vae, images_a, images_b, frames=11):
+def interpolate_vae(vae, images_a, images_b, *, frames=11):
     """The VAE-space baseline of Fig. 3: lerp the two images' VAE latents and decode, [frames, 3, H, W]."""
     za, zb = encode_images(vae, images_a), encode_images(vae, images_b)
     return torch.cat([decode_latents(vae, torch.lerp(za, zb, t)) for t in torch.linspace(0, 1, frames).tolist()])
@@ -327,42 +326,25 @@ def interpolate_vae(vae, images_a, images_b, frames=11):
 
 # ------------------------------------------------------------------------------------------ editing
 
-def edit_conds(cond_src, cond_trg, r, steps=50, schedule=None):
+def edit_conds(cond_src, cond_trg, *, r=0.8, steps=50, schedule=None):
     """Eq. 15 as one embedding per step: the source prompt while t > T * r, the target once t <= T * r."""
     schedule = schedule or make_schedule()
     threshold = schedule.num_train_timesteps * r
     return [cond_src if t > threshold else cond_trg for t in ddim_timesteps(steps, schedule).tolist()]
 
 
-def edit(unet, latents_T, nulls, cond_src, cond_trg, r=0.8, steps=50, guidance=7.5, schedule=None, progress=True):
+def edit(unet, latents_T, nulls, cond_src, cond_trg, *, r=0.8, steps=50, guidance=7.5, schedule=None, progress=True):
     """Text-based editing (Sec. 4.4): the NTI reconstruction from (x_T, nulls), switching prompts by Eq. 15.
 
     r = 0 is the reconstruction itself; r = 1 samples the target prompt from the same x_T and nulls.
     The paper picks r in {0.6, 0.7, 0.8, 0.9} per image; the official demo's default is 0.8.
     """
-    return ddim_sample(unet, latents_T, edit_conds(cond_src, cond_trg, r, steps, schedule), nulls, steps,
-                       guidance, schedule=schedule, progress=progress)
+    conds = edit_conds(cond_src, cond_trg, r=r, steps=steps, schedule=schedule)
+    return ddim_sample(unet, latents_T, conds, nulls, steps=steps, guidance=guidance, schedule=schedule,
+                       progress=progress)
 
 
-# ------------------------------------------------------------------------------------------ metrics
-
-def adjacent_distances(frames):
-    """L2 distances between consecutive frames, [N - 1], frames [N, C, H, W]."""
-    return (frames[1:] - frames[:-1]).flatten(1).double().norm(dim=1)
-
-
-def istd(frames):
-    """ISTD (Sec. 4.1): the standard deviation of the L2 distances between adjacent frames.
-
-    frames: [N, C, H, W] in [0, 1] (float, not uint8). The paper leaves the pixel range and the kind of
-    standard deviation open. [0, 1] pixels give distances of the size the paper reports (tens at
-    512 x 512: ||d|| = 887 x the per-pixel RMS difference), whereas 0-255 would be ~255x larger.
-    We use the population standard deviation (ddof = 0, numpy's default): the N - 1 distances are
-    the whole set being described, not a sample; the sample std (ddof = 1) is sqrt(10/9) = 1.054x
-    larger for 11 frames.
-    """
-    return adjacent_distances(frames).std(correction=0).item()
-
+# ----------------------------------------------------------------------- the ISTD protocol (Sec. 4.1)
 
 def noise_pair(seed, shape):
     """Two standard normal noises [1, *shape] from a CPU generator seeded with `seed`."""
@@ -371,7 +353,7 @@ def noise_pair(seed, shape):
 
 
 @torch.no_grad()
-def interpolation_strips(unet, vae, encode_prompt, prompts, latent_shape=(4, 64, 64), frames=11, steps=50,
+def interpolation_strips(unet, vae, encode_prompt, prompts, *, latent_shape=(4, 64, 64), frames=11, steps=50,
                          guidance=7.5, seed=0, schedule=None, batch=12, progress=True):
     """The paper's ISTD protocol (Sec. 4.1) as images: strip k slerps between the noise pair of seed + k
     and is sampled with prompts[k] and CFG, [len(prompts), frames, 3, H, W] in [0, 1].
@@ -385,25 +367,25 @@ def interpolation_strips(unet, vae, encode_prompt, prompts, latent_shape=(4, 64,
     for start in tqdm(range(0, len(prompts), batch), desc="ISTD strips", disable=not progress):
         ks = range(start, min(len(prompts), start + batch))
         cond = encode_prompt([prompts[k] for k in ks]).repeat_interleave(frames, 0)
-        noises = torch.cat([interpolate_noises(*noise_pair(seed + k, latent_shape), frames) for k in ks])
-        latents = ddim_sample(unet, noises.to(cond.device, cond.dtype), cond, uncond, steps, guidance,
+        noises = torch.cat([interpolate_noises(*noise_pair(seed + k, latent_shape), frames=frames) for k in ks])
+        latents = ddim_sample(unet, noises.to(cond.device, cond.dtype), cond, uncond, steps=steps, guidance=guidance,
                               schedule=schedule, progress=False)
         images = decode_latents(vae, latents)
         strips.append(images.view(len(ks), frames, *images.shape[1:]))
     return torch.cat(strips)
 
 
-def evaluate_istd(unet, vae, encode_prompt, prompts, latent_shape=(4, 64, 64), frames=11, steps=50,
+def evaluate_istd(unet, vae, encode_prompt, prompts, *, latent_shape=(4, 64, 64), frames=11, steps=50,
                   guidance=7.5, seed=0, schedule=None, progress=True):
     """ISTD over many prompts with the paper's protocol (Sec. 4.1): per prompt k, the strip of
     `interpolation_strips` (noise pair seed + k, 11 frames, CFG 7.5), then `istd`; averaged over prompts.
     The mean adjacent distance is reported beside it: a low ISTD can also come from uniformly large
     jumps. Returns a dict of per-prompt values and their means.
     """
-    strips = interpolation_strips(unet, vae, encode_prompt, prompts, latent_shape, frames, steps, guidance, seed,
-                                  schedule, progress=progress)
-    per_prompt = [istd(strip) for strip in strips]
-    per_prompt_distance = [adjacent_distances(strip).mean().item() for strip in strips]
+    strips = interpolation_strips(unet, vae, encode_prompt, prompts, latent_shape=latent_shape, frames=frames,
+                                  steps=steps, guidance=guidance, seed=seed, schedule=schedule, progress=progress)
+    per_prompt = [metrics.istd(strip) for strip in strips]
+    per_prompt_distance = [metrics.adjacent_distances(strip).mean().item() for strip in strips]
     return {"istd": float(np.mean(per_prompt)), "mean_adjacent_distance": float(np.mean(per_prompt_distance)),
             "prompts": list(prompts), "per_prompt_istd": per_prompt,
             "per_prompt_mean_adjacent_distance": per_prompt_distance,
@@ -411,132 +393,24 @@ def evaluate_istd(unet, vae, encode_prompt, prompts, latent_shape=(4, 64, 64), f
                          "interpolation": "slerp", "pixel_range": "[0, 1]", "std": "population (ddof=0)"}}
 
 
-def _per_image(values, like):
-    """Reduce [N, ...] per-pixel values to [N] per-image means ([] for a single [C, H, W] image)."""
-    return values.flatten(1).mean(1) if like.ndim == 4 else values.mean()
-
-
-def mse(x, y):
-    """Mean squared error of images in [0, 1]: [C, H, W] -> scalar tensor, [N, C, H, W] -> [N]."""
-    return _per_image((x.double() - y.double()) ** 2, x)
-
-
-def psnr(x, y, data_range=1.0):
-    """Peak signal-to-noise ratio in dB, 10 log10(data_range^2 / MSE), per image."""
-    return 10 * torch.log10(data_range ** 2 / mse(x, y))
-
-
-def _gaussian_window(size=11, sigma=1.5):
-    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
-    return g / g.sum()
-
-
-def ssim(x, y, data_range=1.0, window=11, sigma=1.5):
-    """Structural similarity (Wang et al. 2004): Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03.
-
-    Images in [0, 1], [C, H, W] or [N, C, H, W]; the SSIM map is averaged over the valid positions
-    (no padding) and over channels. Returns a scalar tensor or [N].
-    """
-    single = x.ndim == 3
-    x, y = (v.double()[None] if single else v.double() for v in (x, y))
-    channels = x.shape[1]
-    g = _gaussian_window(window, sigma)
-    kernel = (g[:, None] * g[None, :]).expand(channels, 1, window, window).to(x.device)
-
-    def blur(v):  # local weighted mean, one channel at a time
-        return F.conv2d(v, kernel, groups=channels)
-
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x ** 2
-    var_y = blur(y * y) - mu_y ** 2
-    cov = blur(x * y) - mu_x * mu_y
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
-    values = ssim_map.flatten(1).mean(1)
-    return values[0] if single else values
-
-
-# -------------------------------------------------------------------------------------- image files
-
-def load_image(path, size):
-    """An image file as [1, 3, size, size] in [0, 1].
-
-    Any mode becomes RGB (transparent pixels over white). An image that is not size x size is
-    center-cropped to a square and resized (bicubic), as null-text inversion prepares its inputs,
-    with a warning.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    image = Image.open(path)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, image.convert("RGBA"))
-    image = image.convert("RGB")
-    w, h = image.size
-    if (w, h) != (size, size):
-        warnings.warn(f"{path}: {w}x{h} is not the model's {size}x{size}; center-cropping to a square and "
-                      f"resizing to {size}x{size} (--size sets another side).")
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
-
-
-def to_pil(images):
-    """[N, 3, H, W] in [0, 1] -> list of PIL images (rounded to uint8, as diffusers does)."""
-    array = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in array]
-
-
-def save_strip(images, path):
-    """Save [N, 3, H, W] images side by side as one PNG."""
-    frames = to_pil(images)
-    strip = Image.new("RGB", (sum(f.width for f in frames), frames[0].height))
-    for k, f in enumerate(frames):
-        strip.paste(f, (k * f.width, 0))
-    strip.save(path)
-    return path
-
-
-def save_gif(images, path, seconds=2.0):
-    """Save [N, 3, H, W] images as a looping GIF that plays forward then back."""
-    frames = to_pil(images)
-    frames = frames + frames[-2:0:-1]
-    frames[0].save(path, save_all=True, append_images=frames[1:], loop=0,
-                   duration=max(20, int(1000 * seconds / len(frames))))
-    return path
-
-
 # ---------------------------------------------------------------------------------------------- CLI
 
-def _int_at_least_1(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
+def _number(kind, low, high=None, message=None):
+    """An argparse type: `kind` (int or float) in [low, high]; a value outside gets `message` or the range."""
+    message = message or (f"must be in [{low}, {high}]" if high is not None else
+                          f"must be {'an integer ' if kind is int else ''}>= {low}")
+
+    def parse(text):
+        value = kind(text)  # a ValueError here becomes argparse's "invalid int value"
+        if not (low <= value and (high is None or value <= high)):  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"{message}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
 
 
-def _frames(text):
-    value = int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"need at least 2 frames to interpolate, got {text}")
-    return value
-
-
-def _non_negative(text):
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _unit_interval(text):
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
+POSITIVE = _number(int, 1)
+FRAMES = _number(int, 2, message="need at least 2 frames to interpolate")
 
 
 def build_parser():
@@ -551,18 +425,19 @@ def build_parser():
     common.add_argument("--lora", default=None, help="Smooth Diffusion LoRA .safetensors to apply to the UNet")
     common.add_argument("--prompt", default=DEMO_PROMPT,
                         help="the prompt (for images: their caption); default %(default)r")
-    common.add_argument("--steps", type=_int_at_least_1, default=50, help="DDIM steps (paper: %(default)s)")
-    common.add_argument("--guidance", type=_non_negative, default=7.5, help="CFG scale w of Eq. 5 (paper: %(default)s)")
+    common.add_argument("--steps", type=POSITIVE, default=50, help="DDIM steps (paper: %(default)s)")
+    common.add_argument("--guidance", type=_number(float, 0), default=7.5,
+                        help="CFG scale w of Eq. 5 (paper: %(default)s)")
     common.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: %(default)s)")
     common.add_argument("--out", default=None, help="output folder (default: out/COMMAND)")
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: %(default)s)")
     images = argparse.ArgumentParser(add_help=False)
-    images.add_argument("--size", type=_int_at_least_1, default=None,
+    images.add_argument("--size", type=POSITIVE, default=None,
                         help="image side in pixels (default: the model's native size, e.g. 512 for SD-1.5)")
     images.add_argument("--inversion", choices=("nti", "ddim"), default="nti",
                         help="null-text inversion or plain DDIM inversion (default: %(default)s)")
-    images.add_argument("--inner-steps", type=_int_at_least_1, default=10,
+    images.add_argument("--inner-steps", type=POSITIVE, default=10,
                         help="null-text inversion: Adam steps per timestep (paper: %(default)s)")
 
     parser = argparse.ArgumentParser(description="Smooth Diffusion sampler. With no arguments: the toy "
@@ -572,7 +447,7 @@ def build_parser():
     p = sub.add_parser("interpolate", parents=[common, images],
                        help="interpolate two noises drawn with --seed or, with --image-a/--image-b, two real "
                             "images; writes a PNG strip and a GIF")
-    p.add_argument("--frames", type=_frames, default=11, help="frames, mix ratios 0..1 (paper: %(default)s)")
+    p.add_argument("--frames", type=FRAMES, default=11, help="frames, mix ratios 0..1 (paper: %(default)s)")
     p.add_argument("--image-a", default=None, help="first real image (needs --image-b)")
     p.add_argument("--image-b", default=None, help="second real image")
     p.add_argument("--prompt-b", default=None, help="caption of --image-b (default: --prompt)")
@@ -583,7 +458,7 @@ def build_parser():
                             " (and LPIPS with --lpips-weights)")
     p.add_argument("--image", required=True, help="the image to invert")
     p.add_argument("--lpips-weights", nargs="+", default=None, metavar="FILE",
-                   help="report LPIPS too (perceptual.py): torchvision's alexnet (or vgg16) ImageNet weights "
+                   help="report LPIPS too (metrics.py): torchvision's alexnet (or vgg16) ImageNet weights "
                         "and the lpips package's weights/v0.1/alex.pth (or vgg.pth), in any order; "
                         "nothing is downloaded")
     p = sub.add_parser("edit", parents=[common, images],
@@ -591,12 +466,40 @@ def build_parser():
                             "writes source | reconstruction | edit")
     p.add_argument("--image", required=True, help="the image to edit (--prompt is its caption)")
     p.add_argument("--target-prompt", required=True, help="the edited caption")
-    p.add_argument("--r", type=_unit_interval, default=0.8,
+    p.add_argument("--r", type=_number(float, 0, 1), default=0.8,
                    help="Eq. 15 switch point: the target prompt for t <= T*r (paper: 0.6-0.9; default %(default)s)")
     p = sub.add_parser("istd", parents=[common], help="ISTD over the prompts of --prompts-file (Sec. 4.1)")
     p.add_argument("--prompts-file", required=True, help="text file, one prompt per line")
-    p.add_argument("--frames", type=_frames, default=11, help="frames per prompt (paper: %(default)s)")
+    p.add_argument("--frames", type=FRAMES, default=11, help="frames per prompt (paper: %(default)s)")
     return parser
+
+
+def _check_inputs(args):
+    """Refuse missing files and contradictory options before any model is loaded."""
+    for name in ("image", "image_a", "image_b", "prompts_file"):
+        if getattr(args, name, None) and not Path(getattr(args, name)).is_file():
+            raise SystemExit(f"error: --{name.replace('_', '-')} not found: {getattr(args, name)}")
+    if args.command == "istd":
+        lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        args.prompts = [line.strip() for line in lines if line.strip()]
+        if not args.prompts:
+            raise SystemExit(f"error: {args.prompts_file} has no prompts; write one prompt per line")
+    if args.command == "interpolate" and (args.image_a is None) != (args.image_b is None):
+        raise SystemExit("error: real-image interpolation needs both --image-a and --image-b")
+    if args.command == "interpolate" and args.compare_base and not args.lora:
+        raise SystemExit("error: --compare-base compares with and without --lora; pass --lora FILE")
+
+
+@dataclass
+class Loaded:
+    """What every command works with: the models, their schedule and geometry, the prompt's embeddings."""
+    models: checkpoint.Models
+    schedule: Schedule
+    size: int             # image side in pixels
+    latent_shape: tuple   # (C, h, w) of one latent
+    cond: torch.Tensor    # --prompt, [1, 77, D]
+    uncond: torch.Tensor  # the "" prompt, [1, 77, D]
+    out: Path
 
 
 def _load(args):
@@ -622,22 +525,107 @@ def _load(args):
     if size % multiple:
         raise SystemExit(f"error: --size {size} must be a multiple of {multiple} for this model")
     latent_shape = (models.unet.config.in_channels, size // factor, size // factor)
-    return models, make_schedule(models.scheduler_config), size, latent_shape
+    out = Path(args.out or Path("out") / args.command)
+    out.mkdir(parents=True, exist_ok=True)
+    return Loaded(models, make_schedule(models.scheduler_config), size, latent_shape,
+                  models.encode_prompt([args.prompt]), models.encode_prompt([""]), out)
 
 
-def _invert(args, models, schedule, latents, cond, uncond):
+def invert_images(args, s, latents, cond):
     """(x_T, per-step nulls or the fixed "" embedding); a batch of images shares the nulls (dual NTI)."""
     if args.inversion == "ddim":
-        return ddim_invert(models.unet, latents, cond, args.steps, schedule), uncond
-    return null_text_invert(models.unet, latents, cond, uncond, args.steps, args.guidance,
-                            inner_steps=args.inner_steps, schedule=schedule)
+        return ddim_invert(s.models.unet, latents, cond, steps=args.steps, schedule=s.schedule), s.uncond
+    return null_text_invert(s.models.unet, latents, cond, s.uncond, steps=args.steps, guidance=args.guidance,
+                            inner_steps=args.inner_steps, schedule=s.schedule)
 
 
-def _metrics(x, y, lpips_model=None):
-    scores = {"mse": mse(x, y).item(), "psnr": psnr(x, y).item(), "ssim": ssim(x, y).item()}
+def _scores(x, y, lpips_model=None):
+    scores = {"mse": metrics.mse(x, y).item(), "psnr": metrics.psnr(x, y).item(), "ssim": metrics.ssim(x, y).item()}
     if lpips_model is not None:
-        scores["lpips"] = perceptual.lpips(lpips_model, x, y).item()
+        scores["lpips"] = metrics.lpips(lpips_model, x, y).item()
     return scores
+
+
+def _strip_report(frames, suffix=""):
+    return {f"istd{suffix}": metrics.istd(frames),
+            f"mean_adjacent_distance{suffix}": metrics.adjacent_distances(frames).mean().item()}
+
+
+# Each command: (args, Loaded) -> (files written, report for metrics.json).
+
+def run_generate(args, s):
+    noise = noise_pair(args.seed, s.latent_shape)[0].to(args.device)
+    latents = ddim_sample(s.models.unet, noise, s.cond, s.uncond, steps=args.steps, guidance=args.guidance,
+                          schedule=s.schedule)
+    return [media.save_strip(decode_latents(s.models.vae, latents), s.out / "sample.png")], {}
+
+
+def run_interpolate(args, s):
+    """Two noises of --seed, or two real images (Fig. 3: invert both, slerp x_T, lerp prompts and nulls)."""
+    unet, vae, written, report = s.models.unet, s.models.vae, [], {}
+    if args.image_a:  # the VAE-space baseline of Fig. 3
+        images_a, images_b = (media.load_image01(p, s.size).to(args.device) for p in (args.image_a, args.image_b))
+        baseline = interpolate_vae(vae, images_a, images_b, frames=args.frames)
+        written.append(media.save_strip(baseline, s.out / "vae_interpolation.png"))
+        report["vae_interpolation_istd"] = metrics.istd(baseline)
+    # With --compare-base, the same path again with the LoRA switched off: Stable vs Smooth Diffusion.
+    for suffix, lora_scale in [("", 1.0)] + [("_base", 0.0)] * args.compare_base:
+        if args.lora:
+            lora.set_lora_scale(unet, lora_scale)
+        kw = dict(frames=args.frames, steps=args.steps, guidance=args.guidance, schedule=s.schedule)
+        if args.image_a:
+            cond_b = s.models.encode_prompt([args.prompt_b or args.prompt])
+            # Both images in one batch: NTI then shares one null per step (the dual form).
+            latents = encode_images(vae, torch.cat([images_a, images_b]))
+            x_T, nulls = invert_images(args, s, latents, torch.cat([s.cond, cond_b]))
+            frames = interpolate(unet, vae, x_T[:1], x_T[1:], cond_a=s.cond, cond_b=cond_b, uncond_a=nulls, **kw)
+        else:
+            noise_a, noise_b = (n.to(args.device) for n in noise_pair(args.seed, s.latent_shape))
+            frames = interpolate(unet, vae, noise_a, noise_b, cond_a=s.cond, uncond_a=s.uncond, **kw)
+        written += [media.save_strip(frames, s.out / f"interpolation{suffix}.png"),
+                    media.save_gif(frames, s.out / f"interpolation{suffix}.gif")]
+        report.update(_strip_report(frames, suffix))
+    return written, report
+
+
+def _reconstruct(args, s):
+    """(image, its latents, x_T, nulls, the reconstruction) of --image."""
+    image = media.load_image01(args.image, s.size).to(args.device)
+    latents = encode_images(s.models.vae, image)
+    x_T, nulls = invert_images(args, s, latents, s.cond)
+    recon = ddim_sample(s.models.unet, x_T, s.cond, nulls, steps=args.steps, guidance=args.guidance,
+                        schedule=s.schedule)
+    return image, latents, x_T, nulls, decode_latents(s.models.vae, recon)
+
+
+def run_invert(args, s):
+    image, latents, _, _, recon = _reconstruct(args, s)
+    vae_recon = decode_latents(s.models.vae, latents)
+    report = {"inversion": args.inversion, "reconstruction": _scores(recon, image, args.lpips_model),
+              "vae_reconstruction": _scores(vae_recon, image, args.lpips_model),
+              "lpips_net": args.lpips_model.net if args.lpips_model else
+              "skipped: pass --lpips-weights (LPIPS needs ImageNet weights, which are not shipped)"}
+    return [media.save_strip(torch.cat([image, recon]), s.out / "reconstruction.png")], report
+
+
+def run_edit(args, s):
+    image, _, x_T, nulls, recon = _reconstruct(args, s)
+    edited = edit(s.models.unet, x_T, nulls, s.cond, s.models.encode_prompt([args.target_prompt]), r=args.r,
+                  steps=args.steps, guidance=args.guidance, schedule=s.schedule)
+    edited = decode_latents(s.models.vae, edited)
+    return [media.save_strip(torch.cat([image, recon, edited]), s.out / "edit.png")], {}
+
+
+def run_istd(args, s):
+    report = evaluate_istd(s.models.unet, s.models.vae, s.models.encode_prompt, args.prompts,
+                           latent_shape=s.latent_shape, frames=args.frames, steps=args.steps,
+                           guidance=args.guidance, seed=args.seed, schedule=s.schedule)
+    print("\n".join(f"{v:10.4f}  {p}" for p, v in zip(args.prompts, report["per_prompt_istd"])))
+    return [], report
+
+
+COMMANDS = {"generate": run_generate, "interpolate": run_interpolate, "invert": run_invert, "edit": run_edit,
+            "istd": run_istd}
 
 
 def main(argv=None):
@@ -646,92 +634,21 @@ def main(argv=None):
     if demo:  # the toy interpolation demo, with the Smooth LoRA once `make run` has trained it
         argv = ["interpolate"] + (["--lora", str(DEMO_LORA), "--compare-base"] if DEMO_LORA.is_file() else [])
     args = build_parser().parse_args(argv)
-    out = Path(args.out or Path("out") / args.command)
-    if args.command == "istd":
-        if not Path(args.prompts_file).is_file():
-            raise SystemExit(f"error: prompts file not found: {args.prompts_file}")
-        prompts = [line.strip() for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines()]
-        prompts = [p for p in prompts if p]
-        if not prompts:
-            raise SystemExit(f"error: {args.prompts_file} has no prompts; write one prompt per line")
-    for name in ("image", "image_a", "image_b"):
-        if getattr(args, name, None) and not Path(getattr(args, name)).is_file():
-            raise SystemExit(f"error: --{name.replace('_', '-')} not found: {getattr(args, name)}")
-    if args.command == "interpolate" and (args.image_a is None) != (args.image_b is None):
-        raise SystemExit("error: real-image interpolation needs both --image-a and --image-b")
-    if args.command == "interpolate" and args.compare_base and not args.lora:
-        raise SystemExit("error: --compare-base compares with and without --lora; pass --lora FILE")
-
-    lpips_model = None
+    _check_inputs(args)
+    args.lpips_model = None
     if getattr(args, "lpips_weights", None):  # before the long inversion: bad files fail at once
         try:
-            lpips_model = perceptual.load_lpips(args.lpips_weights, device=args.device)
+            args.lpips_model = metrics.load_lpips(args.lpips_weights, device=args.device)
         except (ValueError, FileNotFoundError) as error:
             raise SystemExit(f"error: --lpips-weights: {error}") from None
-    models, schedule, size, latent_shape = _load(args)
-    out.mkdir(parents=True, exist_ok=True)
-    unet, vae, device = models.unet, models.vae, torch.device(args.device)
-    cond, uncond = models.encode_prompt([args.prompt]), models.encode_prompt([""])
-    written, report = [], {}
-
-    if args.command == "generate":
-        noise = noise_pair(args.seed, latent_shape)[0].to(device)
-        latents = ddim_sample(unet, noise, cond, uncond, args.steps, args.guidance, schedule=schedule)
-        written.append(save_strip(decode_latents(vae, latents), out / "sample.png"))
-
-    elif args.command == "interpolate":
-        if args.image_a:  # the VAE-space baseline of Fig. 3
-            images_a, images_b = (load_image(p, size).to(device) for p in (args.image_a, args.image_b))
-            baseline = interpolate_vae(vae, images_a, images_b, args.frames)
-            written.append(save_strip(baseline, out / "vae_interpolation.png"))
-            report["vae_interpolation_istd"] = istd(baseline)
-        # With --compare-base, the same path again with the LoRA switched off: Stable vs Smooth Diffusion.
-        for suffix, lora_scale in [("", 1.0)] + [("_base", 0.0)] * args.compare_base:
-            if args.lora:
-                lora.set_lora_scale(unet, lora_scale)
-            if args.image_a:  # Fig. 3: invert both images, slerp x_T, lerp prompts and nulls
-                cond_b = models.encode_prompt([args.prompt_b or args.prompt])
-                # Both images in one batch: NTI then shares one null per step (the dual form).
-                latents = encode_images(vae, torch.cat([images_a, images_b]))
-                x_T, nulls = _invert(args, models, schedule, latents, torch.cat([cond, cond_b]), uncond)
-                frames = interpolate(unet, vae, x_T[:1], x_T[1:], cond, cond_b, nulls, nulls, args.frames,
-                                     args.steps, args.guidance, schedule)
-            else:
-                noise_a, noise_b = (n.to(device) for n in noise_pair(args.seed, latent_shape))
-                frames = interpolate(unet, vae, noise_a, noise_b, cond, uncond_a=uncond, frames=args.frames,
-                                     steps=args.steps, guidance=args.guidance, schedule=schedule)
-            written += [save_strip(frames, out / f"interpolation{suffix}.png"),
-                        save_gif(frames, out / f"interpolation{suffix}.gif")]
-            report.update({f"istd{suffix}": istd(frames),
-                           f"mean_adjacent_distance{suffix}": adjacent_distances(frames).mean().item()})
-
-    elif args.command in ("invert", "edit"):
-        image = load_image(args.image, size).to(device)
-        latents = encode_images(vae, image)
-        x_T, nulls = _invert(args, models, schedule, latents, cond, uncond)
-        recon = decode_latents(vae, ddim_sample(unet, x_T, cond, nulls, args.steps, args.guidance, schedule=schedule))
-        if args.command == "invert":
-            report = {"inversion": args.inversion, "reconstruction": _metrics(recon, image, lpips_model),
-                      "vae_reconstruction": _metrics(decode_latents(vae, latents), image, lpips_model),
-                      "lpips_net": lpips_model.net if lpips_model else
-                      "skipped: pass --lpips-weights (LPIPS needs ImageNet weights, which are not shipped)"}
-            written.append(save_strip(torch.cat([image, recon]), out / "reconstruction.png"))
-        else:
-            edited = decode_latents(vae, edit(unet, x_T, nulls, cond, models.encode_prompt([args.target_prompt]),
-                                              args.r, args.steps, args.guidance, schedule))
-            written.append(save_strip(torch.cat([image, recon, edited]), out / "edit.png"))
-
-    elif args.command == "istd":
-        report = evaluate_istd(unet, vae, models.encode_prompt, prompts, latent_shape, args.frames, args.steps,
-                               args.guidance, args.seed, schedule)
-        print("\n".join(f"{v:10.4f}  {p}" for p, v in zip(prompts, report["per_prompt_istd"])))
-
+    s = _load(args)
+    written, report = COMMANDS[args.command](args, s)
     if report:
         report = {"command": args.command, "model": args.model, "lora": args.lora, "steps": args.steps,
                   "guidance": args.guidance, "seed": args.seed,
                   **({} if args.command == "istd" else {"prompt": args.prompt}), **report}
-        written.append(out / "metrics.json")
-        (out / "metrics.json").write_text(json.dumps(report, indent=2))
+        written.append(s.out / "metrics.json")
+        (s.out / "metrics.json").write_text(json.dumps(report, indent=2))
         print(json.dumps({k: v for k, v in report.items() if not k.startswith("per_prompt")}, indent=2))
     for path in written:
         print(f"wrote {path}")

@@ -364,7 +364,7 @@ def generate(models, prompts, seed=0, steps=50, guidance=7.5, batch=48):
     images = []
     for i in range(0, len(prompts), batch):
         cond = models.encode_prompt(prompts[i:i + batch])
-        z = sampler.ddim_sample(models.unet, latents[i:i + batch], cond, uncond, steps, guidance,
+        z = sampler.ddim_sample(models.unet, latents[i:i + batch], cond, uncond, steps=steps, guidance=guidance,
                                 schedule=schedule, progress=False)
         images.append(sampler.decode_latents(models.vae, z))
     return torch.cat(images)
@@ -375,6 +375,8 @@ def evaluate(model=MODEL_DIR, out="runs/toy_eval", per_prompt=4, steps=50, guida
     caption accuracy / Frechet distance (the proxies of toy_metrics) of samples for the held-out and
     the training prompts. Writes OUT/samples.png (one sample per held-out prompt) and OUT/eval.json."""
     import checkpoint
+    import media
+    import metrics
     import sampler
     import toy_metrics
 
@@ -382,8 +384,8 @@ def evaluate(model=MODEL_DIR, out="runs/toy_eval", per_prompt=4, steps=50, guida
     real, attributes = make_images(1000, seed=seed + 7, split="heldout")
     real01 = toy_metrics.images01(real)
     recon = sampler.decode_latents(models.vae, sampler.encode_images(models.vae, real01))
-    results = {"vae_reconstruction_heldout": {"mse": sampler.mse(recon, real01).mean().item(),
-                                              "psnr": sampler.psnr(recon, real01).mean().item()},
+    results = {"vae_reconstruction_heldout": {"mse": metrics.mse(recon, real01).mean().item(),
+                                              "psnr": metrics.psnr(recon, real01).mean().item()},
                "classifier_heldout_real": toy_metrics.caption_accuracy(real01, [caption(a) for a in attributes]),
                "steps": steps, "guidance": guidance}
     train_prompts = sorted({caption(a) for a in make_images(200, seed=seed + 8)[1]})[:24]
@@ -395,7 +397,7 @@ def evaluate(model=MODEL_DIR, out="runs/toy_eval", per_prompt=4, steps=50, guida
             results[name]["frechet_to_real"] = toy_metrics.frechet_distance(
                 toy_metrics.features(images), toy_metrics.features(real01))
             Path(out).mkdir(parents=True, exist_ok=True)
-            sampler.save_strip(images[::per_prompt], Path(out) / "samples.png")
+            media.save_strip(images[::per_prompt], Path(out) / "samples.png")
     (Path(out) / "eval.json").write_text(json.dumps(results, indent=2))
     return results
 
@@ -413,6 +415,7 @@ def report(model_path, lora_path, out_dir, prompts=6, steps=50, guidance=7.5, se
     interpolation strip, base above and base + LoRA below, in OUT/interpolation_before_after.png."""
     import checkpoint
     import lora
+    import media
     import sampler
     import toy_metrics
 
@@ -426,11 +429,11 @@ def report(model_path, lora_path, out_dir, prompts=6, steps=50, guidance=7.5, se
     for name in ("base", "lora"):
         if name == "lora":
             lora.load_lora(models.unet, lora_path)
-        r = sampler.evaluate_istd(models.unet, models.vae, models.encode_prompt, chosen, latent_shape,
+        r = sampler.evaluate_istd(models.unet, models.vae, models.encode_prompt, chosen, latent_shape=latent_shape,
                                   steps=steps, guidance=guidance, seed=seed, schedule=schedule, progress=False)
         noise_a, noise_b = sampler.noise_pair(seed, latent_shape)
-        frames = sampler.interpolate(models.unet, models.vae, noise_a, noise_b, models.encode_prompt(chosen[:1]),
-                                     uncond_a=models.encode_prompt([""]), steps=steps, guidance=guidance,
+        frames = sampler.interpolate(models.unet, models.vae, noise_a, noise_b,
+                                     cond_a=models.encode_prompt(chosen[:1]), uncond_a=models.encode_prompt([""]), steps=steps, guidance=guidance,
                                      schedule=schedule, progress=False)
         strips.append(frames)
         accuracy = toy_metrics.caption_accuracy(frames, chosen[:1] * len(frames))["caption"]
@@ -438,7 +441,7 @@ def report(model_path, lora_path, out_dir, prompts=6, steps=50, guidance=7.5, se
                          "caption_accuracy_first_strip": accuracy}
     results.update(prompts=chosen, steps=steps, guidance=guidance, seed=seed, lora_path=str(lora_path))
     out.mkdir(parents=True, exist_ok=True)
-    sampler.save_strip(torch.cat([torch.cat(list(s), dim=2)[None] for s in strips], dim=2),
+    media.save_strip(torch.cat([torch.cat(list(s), dim=2)[None] for s in strips], dim=2),
                        out / "interpolation_before_after.png")
     (out / "report.json").write_text(json.dumps(results, indent=2))
     print(f"ISTD on {len(chosen)} held-out prompts ({steps} DDIM steps, CFG {guidance}): "

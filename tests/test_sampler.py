@@ -1,4 +1,4 @@
-"""sampler.py against diffusers' DDIM pipeline, exact identities of DDIM, and scikit-image's metrics."""
+"""sampler.py against diffusers' DDIM pipeline, exact identities of DDIM, and its CLI on tiny models."""
 import json
 import math
 
@@ -8,6 +8,8 @@ import torch
 from PIL import Image
 
 import checkpoint
+import media
+import metrics
 import sampler
 from conftest import SD15_SCHEDULER
 
@@ -115,10 +117,10 @@ def test_ddim_inversion_then_sampling_is_exact_when_eps_does_not_depend_on_x():
         return table[t[0]]
 
     x_0 = randn(1, 4, 4, 4, seed=2)
-    x_T = sampler.ddim_invert(eps_of_t, x_0, torch.zeros(1, 77, 8), steps, schedule, progress=False)
+    x_T = sampler.ddim_invert(eps_of_t, x_0, torch.zeros(1, 77, 8), steps=steps, schedule=schedule, progress=False)
     timesteps = sampler.ddim_timesteps(steps, schedule).tolist()
     assert seen == timesteps[::-1]  # inversion evaluates eps at the target timesteps 1, 101, ..., 901
-    back = sampler.ddim_sample(eps_of_t, x_T, torch.zeros(1, 77, 8), None, steps, guidance=1.0,
+    back = sampler.ddim_sample(eps_of_t, x_T, torch.zeros(1, 77, 8), None, steps=steps, guidance=1.0,
                                schedule=schedule, progress=False)
     assert relative_error(x_T, x_0) > 1.0
     assert relative_error(back, x_0) < 1e-4
@@ -131,7 +133,7 @@ def inversion_case(tiny_sd):
     unet, schedule, steps = diffusers_unet(pipe), saved_schedule(folder), 10
     cond, uncond = embed(pipe, ["a red circle", ""])[:, None].unbind(0)
     x_0 = randn(1, 4, 8, 8, seed=1)
-    x_T_nti, nulls = sampler.null_text_invert(unet, x_0, cond, uncond, steps, 7.5, schedule=schedule,
+    x_T_nti, nulls = sampler.null_text_invert(unet, x_0, cond, uncond, steps=steps, guidance=7.5, schedule=schedule,
                                               progress=False)
     return dict(unet=unet, schedule=schedule, steps=steps, cond=cond, uncond=uncond, x_0=x_0,
                 x_T_nti=x_T_nti, nulls=nulls, other=embed(pipe, ["a blue square"]))
@@ -140,10 +142,10 @@ def inversion_case(tiny_sd):
 def test_null_text_inversion_reconstructs_clearly_better_than_ddim_inversion_under_cfg(inversion_case):
     c = inversion_case
     kw = dict(steps=c["steps"], guidance=7.5, schedule=c["schedule"], progress=False)
-    x_T = sampler.ddim_invert(c["unet"], c["x_0"], c["cond"], c["steps"], c["schedule"], progress=False)
+    x_T = sampler.ddim_invert(c["unet"], c["x_0"], c["cond"], steps=c["steps"], schedule=c["schedule"], progress=False)
     torch.testing.assert_close(c["x_T_nti"], x_T)  # NTI starts from the DDIM inversion's x_T
-    ddim_error = sampler.mse(sampler.ddim_sample(c["unet"], x_T, c["cond"], c["uncond"], **kw), c["x_0"]).item()
-    nti_error = sampler.mse(sampler.ddim_sample(c["unet"], x_T, c["cond"], c["nulls"], **kw), c["x_0"]).item()
+    ddim_error = metrics.mse(sampler.ddim_sample(c["unet"], x_T, c["cond"], c["uncond"], **kw), c["x_0"]).item()
+    nti_error = metrics.mse(sampler.ddim_sample(c["unet"], x_T, c["cond"], c["nulls"], **kw), c["x_0"]).item()
     # Measured here: latent MSE 40.0 (DDIM) vs 14.4 (NTI), ratio 2.78; over four latent/prompt pairs the
     # ratio was 2.3-3.9 at 10 steps. The tiny random UNet is a poor denoiser, so both errors are large in
     # absolute terms; the test is about the ratio.
@@ -162,10 +164,10 @@ def test_null_text_inversion_is_near_exact_when_the_null_can_cancel_the_guidance
     schedule, steps = sampler.make_schedule(), 10
     cond, uncond, x_0 = 0.1 * randn(1, 77, 8, seed=2), torch.zeros(1, 77, 8), randn(1, 4, 4, 4, seed=3)
     kw = dict(steps=steps, guidance=7.5, schedule=schedule, progress=False)
-    x_T = sampler.ddim_invert(eps, x_0, cond, steps, schedule, progress=False)
-    ddim_error = sampler.mse(sampler.ddim_sample(eps, x_T, cond, uncond, **kw), x_0).item()
+    x_T = sampler.ddim_invert(eps, x_0, cond, steps=steps, schedule=schedule, progress=False)
+    ddim_error = metrics.mse(sampler.ddim_sample(eps, x_T, cond, uncond, **kw), x_0).item()
     x_T, nulls = sampler.null_text_invert(eps, x_0, cond, uncond, **kw)
-    nti_error = sampler.mse(sampler.ddim_sample(eps, x_T, cond, nulls, **kw), x_0).item()
+    nti_error = metrics.mse(sampler.ddim_sample(eps, x_T, cond, nulls, **kw), x_0).item()
     # Measured: DDIM 28.3, NTI 1.8e-3. Aiming each step at the wrong inverted level gives 0.14, and
     # advancing with the "" null instead of the optimised one gives 65.
     assert ddim_error > 10 and nti_error < 1e-2
@@ -176,9 +178,9 @@ def test_null_text_inversion_without_optimisation_is_ddim_inversion_with_the_emp
     unet, schedule = diffusers_unet(pipe), saved_schedule(folder)
     cond, uncond = embed(pipe, ["a dog", ""])[:, None].unbind(0)
     x_0 = randn(1, 4, 8, 8, seed=3)
-    x_T, nulls = sampler.null_text_invert(unet, x_0, cond, uncond, 3, inner_steps=0, schedule=schedule,
+    x_T, nulls = sampler.null_text_invert(unet, x_0, cond, uncond, steps=3, inner_steps=0, schedule=schedule,
                                           progress=False)
-    torch.testing.assert_close(x_T, sampler.ddim_invert(unet, x_0, cond, 3, schedule, progress=False))
+    torch.testing.assert_close(x_T, sampler.ddim_invert(unet, x_0, cond, steps=3, schedule=schedule, progress=False))
     assert all(torch.equal(n, uncond) for n in nulls)
 
 
@@ -189,8 +191,8 @@ def test_dual_null_text_inversion_shares_one_null_per_step_across_two_images(tin
     x_a, x_b = randn(1, 4, 8, 8, seed=4), randn(1, 4, 8, 8, seed=5)
     x_T, nulls = sampler.null_text_invert_dual(unet, x_a, x_b, cond_a, cond_b, uncond, steps=2, inner_steps=2,
                                                schedule=schedule, progress=False)
-    torch.testing.assert_close(x_T[:1], sampler.ddim_invert(unet, x_a, cond_a, 2, schedule, progress=False))
-    torch.testing.assert_close(x_T[1:], sampler.ddim_invert(unet, x_b, cond_b, 2, schedule, progress=False))
+    torch.testing.assert_close(x_T[:1], sampler.ddim_invert(unet, x_a, cond_a, steps=2, schedule=schedule, progress=False))
+    torch.testing.assert_close(x_T[1:], sampler.ddim_invert(unet, x_b, cond_b, steps=2, schedule=schedule, progress=False))
     assert [n.shape for n in nulls] == [uncond.shape] * 2
 
 
@@ -211,11 +213,11 @@ def test_eq15_switches_to_the_target_prompt_once_t_is_at_most_T_times_r():
     src, trg = torch.zeros(1, 2, 3), torch.ones(1, 2, 3)
     # 10 steps: t = 901, 801, ..., 1. r = 0.8 keeps the source for t > 800: 901 and 801 (the official
     # code's "source for steps i < (1 - r) * 50" gives the same split at 50 steps).
-    conds = sampler.edit_conds(src, trg, 0.8, steps=10)
+    conds = sampler.edit_conds(src, trg, r=0.8, steps=10)
     assert [c is trg for c in conds] == [False, False] + [True] * 8
-    at_801 = sampler.edit_conds(src, trg, 0.801, steps=10)  # T * r = 801 exactly: t = 801 is "t <= T r"
+    at_801 = sampler.edit_conds(src, trg, r=0.801, steps=10)  # T * r = 801 exactly: t = 801 is "t <= T r"
     assert [c is trg for c in at_801] == [False] + [True] * 9
-    assert sum(c is src for c in sampler.edit_conds(src, trg, 0.8, steps=50)) == 10
+    assert sum(c is src for c in sampler.edit_conds(src, trg, r=0.8, steps=50)) == 10
 
 
 # -------------------------------------------------------------------------------------- interpolation
@@ -257,71 +259,19 @@ def test_interpolate_noises_gives_the_papers_eleven_mix_ratios():
     torch.testing.assert_close(noises[3:4], sampler.slerp(0.3, a, b))
 
 
-# -------------------------------------------------------------------------------------------- metrics
-
-def frames_with_steps(distances, shape=(3, 4, 4), seed=12):
-    """Frames walking along one random unit direction with the given step lengths."""
-    direction = randn(*shape, seed=seed)
-    direction /= direction.norm()
-    positions = np.concatenate([[0.0], np.cumsum(distances)])
-    return torch.stack([0.5 + float(p) * direction / 100 for p in positions]).float()
-
-
-def test_istd_is_the_population_std_of_adjacent_l2_distances():
-    assert sampler.istd(frames_with_steps([2.0] * 10)) == pytest.approx(0.0, abs=1e-5)  # uniform steps
-    distances = [1.0, 3.0, 1.0, 3.0, 2.0, 2.0, 5.0, 1.0, 1.0, 1.0]
-    frames = frames_with_steps(distances)
-    torch.testing.assert_close(sampler.adjacent_distances(frames),
-                               torch.tensor(distances, dtype=torch.float64) / 100, rtol=1e-5, atol=0)
-    assert sampler.istd(frames) == pytest.approx(np.std(distances) / 100, rel=1e-5)  # ddof = 0
-    assert sampler.istd(frames) != pytest.approx(np.std(distances, ddof=1) / 100, rel=1e-3)
-
-
-@pytest.fixture(scope="module")
-def photos():
-    skimage = pytest.importorskip("skimage")
-    noise = np.random.default_rng(0)
-    pairs = []
-    for clean in (skimage.data.astronaut(), skimage.data.chelsea()):
-        clean = clean[:128, :160].astype(np.float64) / 255
-        noisy = np.clip(clean + noise.normal(0, 0.08, clean.shape), 0, 1)
-        pairs.append((clean, noisy))
-    blurred = np.asarray(Image.fromarray((pairs[0][0] * 255).astype(np.uint8)).resize((40, 32)).resize((160, 128)))
-    pairs.append((pairs[0][0], blurred.astype(np.float64) / 255))
-    return pairs
-
-
-def as_tensor(image):
-    return torch.from_numpy(image).permute(2, 0, 1)
-
-
-def test_ssim_and_psnr_equal_scikit_image_on_photos(photos):
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
-    for clean, other in photos:
-        ref_ssim = structural_similarity(clean, other, channel_axis=2, data_range=1.0, gaussian_weights=True,
-                                         sigma=1.5, use_sample_covariance=False)
-        assert sampler.ssim(as_tensor(clean), as_tensor(other)).item() == pytest.approx(ref_ssim, rel=1e-6)
-        ref_psnr = peak_signal_noise_ratio(clean, other, data_range=1.0)
-        assert sampler.psnr(as_tensor(clean), as_tensor(other)).item() == pytest.approx(ref_psnr, rel=1e-9)
-        assert sampler.mse(as_tensor(clean), as_tensor(other)).item() == pytest.approx(np.mean((clean - other) ** 2))
-    batch = torch.stack([as_tensor(p[1]) for p in photos[:2]]), torch.stack([as_tensor(p[0]) for p in photos[:2]])
-    assert sampler.ssim(*batch).shape == (2,) and sampler.psnr(*batch).shape == (2,)
-
-
 # ----------------------------------------------------------------------------------------- image files
 
 def test_load_image_converts_modes_and_crops_odd_sizes_with_a_warning(tmp_path):
     rgb = (np.arange(30 * 20 * 3) % 256).astype(np.uint8).reshape(20, 30, 3)
     Image.fromarray(rgb).save(tmp_path / "wide.png")
     with pytest.warns(UserWarning, match="center-cropping"):
-        image = sampler.load_image(tmp_path / "wide.png", 20)  # 30x20 -> central 20x20, no resize needed
+        image = media.load_image01(tmp_path / "wide.png", 20)  # 30x20 -> central 20x20, no resize needed
     torch.testing.assert_close(image[0], torch.from_numpy(rgb[:, 5:25]).permute(2, 0, 1).float() / 255)
     for mode in ("L", "RGBA", "P"):
         Image.fromarray(rgb[:16, :16]).convert(mode).save(tmp_path / f"{mode}.png")
-        assert sampler.load_image(tmp_path / f"{mode}.png", 16).shape == (1, 3, 16, 16)
+        assert media.load_image01(tmp_path / f"{mode}.png", 16).shape == (1, 3, 16, 16)
     with pytest.raises(FileNotFoundError, match="missing.png"):
-        sampler.load_image(tmp_path / "missing.png", 16)
+        media.load_image01(tmp_path / "missing.png", 16)
 
 
 # ------------------------------------------------------------------------------ our models (checkpoint)
@@ -351,16 +301,16 @@ def test_evaluate_istd_scores_prompt_k_on_the_noise_pair_of_seed_plus_k(tiny_sd)
 
     models = checkpoint.load_models(tiny_sd[0])
     kw = dict(frames=3, steps=2, guidance=7.5, progress=False)
-    report = sampler.evaluate_istd(models.unet, models.vae, models.encode_prompt, ["a cat", "a dog"], (4, 8, 8),
-                                   seed=7, **kw)
+    report = sampler.evaluate_istd(models.unet, models.vae, models.encode_prompt, ["a cat", "a dog"],
+                                   latent_shape=(4, 8, 8), seed=7, **kw)
     noise_a, noise_b = sampler.noise_pair(8, (4, 8, 8))  # prompt 1 -> seed 7 + 1
-    frames = sampler.interpolate(models.unet, models.vae, noise_a, noise_b, models.encode_prompt(["a dog"]),
+    frames = sampler.interpolate(models.unet, models.vae, noise_a, noise_b, cond_a=models.encode_prompt(["a dog"]),
                                  uncond_a=models.encode_prompt([""]), **kw)
     # evaluate_istd samples the strips in one batch, `interpolate` one frame at a time: the same numbers
     # up to float summation order. Measured: 2e-7 relative on the distances, 1.2e-5 on their std.
     assert report["per_prompt_mean_adjacent_distance"][1] == pytest.approx(
-        sampler.adjacent_distances(frames).mean().item(), rel=2e-6)
-    assert report["per_prompt_istd"][1] == pytest.approx(sampler.istd(frames), rel=1e-4)
+        metrics.adjacent_distances(frames).mean().item(), rel=2e-6)
+    assert report["per_prompt_istd"][1] == pytest.approx(metrics.istd(frames), rel=1e-4)
     assert report["per_prompt_istd"][0] != pytest.approx(report["per_prompt_istd"][1], rel=1e-2)
     assert report["istd"] == pytest.approx(np.mean(report["per_prompt_istd"]))
 
