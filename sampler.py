@@ -1,4 +1,4 @@
-"""DDIM sampling, inversion, interpolation and editing of Smooth Diffusion (Sec. 3.1, 4), and its demo CLI.
+"""DDIM sampling, inversion, interpolation and editing of Smooth Diffusion (Sec. 3.1, 4).
 
 What is here, in the order of the paper:
   * the DDIM sampler (Eq. 3) with classifier-free guidance (Eq. 5), on SD-1.5's schedule;
@@ -11,7 +11,8 @@ What is here, in the order of the paper:
     (which also holds Table 2's MSE / PSNR / SSIM / LPIPS).
 
 `unet` is any callable `(x, t, context) -> eps` (our `unet.UNet` is one); timesteps are passed to it
-as a [B] LongTensor. Run `python sampler.py` for the toy interpolation demo, or e.g.
+as a [B] LongTensor. The demo CLI is in sampler_cli.py: run `python sampler.py` for the toy
+interpolation demo, or e.g.
 
     python sampler.py interpolate --model PATH --lora smooth_lora.safetensors --prompt "a cat"
     python sampler.py invert --model PATH --image photo.jpg --prompt "a photo of a cat" --inversion nti
@@ -20,30 +21,20 @@ as a [B] LongTensor. Run `python sampler.py` for the toy interpolation demo, or 
 
 `python sampler.py COMMAND --help` lists every option with the paper's defaults.
 """
-import argparse
-import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import checkpoint
-import lora
-import media
 import metrics
 
 # SD-1.5's scheduler_config.json (a PNDM config; what DDIMScheduler.from_config reads from it).
 SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       num_train_timesteps=1000, set_alpha_to_one=False, steps_offset=1,
                       timestep_spacing="leading", prediction_type="epsilon")
-ROOT = Path(__file__).resolve().parent
-DEMO_MODEL = ROOT / "assets" / "toy-sd"  # built by `python toy.py pretrain`
-DEMO_LORA = ROOT / "runs" / "toy" / "smooth_lora.safetensors"  # written by `python train.py`
-DEMO_PROMPT = "a large red circle on a white background"  # a caption of the toy world
 
 
 # ----------------------------------------------------------------------------------------- schedule
@@ -290,29 +281,32 @@ def interpolate_noises(noise_a, noise_b, *, frames=11):
     return torch.cat([slerp(t, noise_a, noise_b) for t in torch.linspace(0, 1, frames).tolist()])
 
 
-def _lerp(a, b, t):
-    """Linear interpolation of embeddings, or of per-step lists of them."""
+def _lerp(a, b, ts):
+    """Embeddings (or per-step lists of them) lerped at each ratio in ts, stacked on the batch axis."""
     if isinstance(a, (list, tuple)):
-        return [torch.lerp(x, y, t) for x, y in zip(a, b)]
-    return None if a is None else torch.lerp(a, b, t)
+        return [_lerp(x, y, ts) for x, y in zip(a, b)]
+    return None if a is None else torch.cat([torch.lerp(a, b, t) for t in ts])
 
 
 @torch.no_grad()
 def interpolate(unet, vae, noise_a, noise_b, *, cond_a, cond_b=None, uncond_a=None, uncond_b=None, frames=11,
-                steps=50, guidance=7.5, schedule=None, progress=True):
+                steps=50, guidance=7.5, schedule=None, batch_size=1, progress=True):
     """Images along the slerp from noise_a to noise_b, [frames, 3, H, W] in [0, 1].
 
     The prompt embeddings (cond) and the null embeddings (uncond: a tensor, or per-step lists from
     null-text inversion) are lerped alongside; leave the *_b ones out to keep them fixed. For two
-    real images pass their inverted x_T as the noises (the paper's Fig. 3 protocol).
+    real images pass their inverted x_T as the noises (the paper's Fig. 3 protocol). Frames go
+    through the UNet batch_size at a time (1: each frame equals a lone sample bit for bit).
     """
     cond_b = cond_a if cond_b is None else cond_b
     uncond_b = uncond_a if uncond_b is None else uncond_b
     noises = interpolate_noises(noise_a, noise_b, frames=frames)
-    images = []
-    for k, t in enumerate(tqdm(torch.linspace(0, 1, frames).tolist(), desc="frames", disable=not progress)):
-        latents = ddim_sample(unet, noises[k:k + 1], _lerp(cond_a, cond_b, t), _lerp(uncond_a, uncond_b, t),
-                              steps=steps, guidance=guidance, schedule=schedule, progress=False)
+    ratios, images = torch.linspace(0, 1, frames).tolist(), []
+    for k in tqdm(range(0, frames, batch_size), desc="frames", disable=not progress):
+        ts = ratios[k:k + batch_size]
+        cond, uncond = _lerp(cond_a, cond_b, ts), _lerp(uncond_a, uncond_b, ts)
+        latents = ddim_sample(unet, noises[k:k + batch_size], cond, uncond, steps=steps, guidance=guidance,
+                              schedule=schedule, progress=False)
         images.append(decode_latents(vae, latents))
     return torch.cat(images)
 
@@ -354,15 +348,16 @@ def noise_pair(seed, shape):
 
 @torch.no_grad()
 def interpolation_strips(unet, vae, encode_prompt, prompts, *, latent_shape=(4, 64, 64), frames=11, steps=50,
-                         guidance=7.5, seed=0, schedule=None, batch=12, progress=True):
+                         guidance=7.5, seed=0, schedule=None, batch=12, uncond=None, progress=True):
     """The paper's ISTD protocol (Sec. 4.1) as images: strip k slerps between the noise pair of seed + k
     and is sampled with prompts[k] and CFG, [len(prompts), frames, 3, H, W] in [0, 1].
 
     Fixed seeds per strip let two models be compared on the same pairs, and any subset of prompts
     is reproducible. `batch` strips (x frames) go through the UNet together: the result is that of
     `interpolate` strip by strip up to float summation order (measured: 1.2e-5 relative on ISTD).
+    uncond: the embedding of CFG's unconditional branch (default: the "" prompt's).
     """
-    uncond = encode_prompt([""])
+    uncond = encode_prompt([""]) if uncond is None else uncond
     strips = []
     for start in tqdm(range(0, len(prompts), batch), desc="ISTD strips", disable=not progress):
         ks = range(start, min(len(prompts), start + batch))
@@ -376,14 +371,15 @@ def interpolation_strips(unet, vae, encode_prompt, prompts, *, latent_shape=(4, 
 
 
 def evaluate_istd(unet, vae, encode_prompt, prompts, *, latent_shape=(4, 64, 64), frames=11, steps=50,
-                  guidance=7.5, seed=0, schedule=None, progress=True):
+                  guidance=7.5, seed=0, schedule=None, batch=12, uncond=None, progress=True):
     """ISTD over many prompts with the paper's protocol (Sec. 4.1): per prompt k, the strip of
     `interpolation_strips` (noise pair seed + k, 11 frames, CFG 7.5), then `istd`; averaged over prompts.
     The mean adjacent distance is reported beside it: a low ISTD can also come from uniformly large
     jumps. Returns a dict of per-prompt values and their means.
     """
     strips = interpolation_strips(unet, vae, encode_prompt, prompts, latent_shape=latent_shape, frames=frames,
-                                  steps=steps, guidance=guidance, seed=seed, schedule=schedule, progress=progress)
+                                  steps=steps, guidance=guidance, seed=seed, schedule=schedule, batch=batch,
+                                  uncond=uncond, progress=progress)
     per_prompt = [metrics.istd(strip) for strip in strips]
     per_prompt_distance = [metrics.adjacent_distances(strip).mean().item() for strip in strips]
     return {"istd": float(np.mean(per_prompt)), "mean_adjacent_distance": float(np.mean(per_prompt_distance)),
@@ -393,269 +389,6 @@ def evaluate_istd(unet, vae, encode_prompt, prompts, *, latent_shape=(4, 64, 64)
                          "interpolation": "slerp", "pixel_range": "[0, 1]", "std": "population (ddof=0)"}}
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-
-def _number(kind, low, high=None, message=None):
-    """An argparse type: `kind` (int or float) in [low, high]; a value outside gets `message` or the range."""
-    message = message or (f"must be in [{low}, {high}]" if high is not None else
-                          f"must be {'an integer ' if kind is int else ''}>= {low}")
-
-    def parse(text):
-        value = kind(text)  # a ValueError here becomes argparse's "invalid int value"
-        if not (low <= value and (high is None or value <= high)):  # also refuses NaN
-            raise argparse.ArgumentTypeError(f"{message}, got {text}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
-POSITIVE = _number(int, 1)
-FRAMES = _number(int, 2, message="need at least 2 frames to interpolate")
-
-
-def build_parser():
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", default=str(DEMO_MODEL),
-                        help="diffusers model folder or single-file checkpoint (default: the toy model, "
-                             "assets/toy-sd)")
-    common.add_argument("--tokenizer", default=None,
-                        help="tokenizer folder (vocab.json + merges.txt); needed for single-file checkpoints")
-    common.add_argument("--config", default=None,
-                        help="diffusers folder whose configs describe a single-file checkpoint (default: SD-1.5)")
-    common.add_argument("--lora", default=None, help="Smooth Diffusion LoRA .safetensors to apply to the UNet")
-    common.add_argument("--prompt", default=DEMO_PROMPT,
-                        help="the prompt (for images: their caption); default %(default)r")
-    common.add_argument("--steps", type=POSITIVE, default=50, help="DDIM steps (paper: %(default)s)")
-    common.add_argument("--guidance", type=_number(float, 0), default=7.5,
-                        help="CFG scale w of Eq. 5 (paper: %(default)s)")
-    common.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: %(default)s)")
-    common.add_argument("--out", default=None, help="output folder (default: out/COMMAND)")
-    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device (default: %(default)s)")
-    images = argparse.ArgumentParser(add_help=False)
-    images.add_argument("--size", type=POSITIVE, default=None,
-                        help="image side in pixels (default: the model's native size, e.g. 512 for SD-1.5)")
-    images.add_argument("--inversion", choices=("nti", "ddim"), default="nti",
-                        help="null-text inversion or plain DDIM inversion (default: %(default)s)")
-    images.add_argument("--inner-steps", type=POSITIVE, default=10,
-                        help="null-text inversion: Adam steps per timestep (paper: %(default)s)")
-
-    parser = argparse.ArgumentParser(description="Smooth Diffusion sampler. With no arguments: the toy "
-                                                 "interpolation demo (`interpolate` with every default).")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("generate", parents=[common], help="sample one image from --seed")
-    p = sub.add_parser("interpolate", parents=[common, images],
-                       help="interpolate two noises drawn with --seed or, with --image-a/--image-b, two real "
-                            "images; writes a PNG strip and a GIF")
-    p.add_argument("--frames", type=FRAMES, default=11, help="frames, mix ratios 0..1 (paper: %(default)s)")
-    p.add_argument("--image-a", default=None, help="first real image (needs --image-b)")
-    p.add_argument("--image-b", default=None, help="second real image")
-    p.add_argument("--prompt-b", default=None, help="caption of --image-b (default: --prompt)")
-    p.add_argument("--compare-base", action="store_true",
-                   help="with --lora: also render the same interpolation without the LoRA (*_base.png/gif)")
-    p = sub.add_parser("invert", parents=[common, images],
-                       help="invert --image and reconstruct it; writes input | reconstruction and MSE/PSNR/SSIM"
-                            " (and LPIPS with --lpips-weights)")
-    p.add_argument("--image", required=True, help="the image to invert")
-    p.add_argument("--lpips-weights", nargs="+", default=None, metavar="FILE",
-                   help="report LPIPS too (metrics.py): torchvision's alexnet (or vgg16) ImageNet weights "
-                        "and the lpips package's weights/v0.1/alex.pth (or vgg.pth), in any order; "
-                        "nothing is downloaded")
-    p = sub.add_parser("edit", parents=[common, images],
-                       help="edit --image from --prompt to --target-prompt by Eq. 15; "
-                            "writes source | reconstruction | edit")
-    p.add_argument("--image", required=True, help="the image to edit (--prompt is its caption)")
-    p.add_argument("--target-prompt", required=True, help="the edited caption")
-    p.add_argument("--r", type=_number(float, 0, 1), default=0.8,
-                   help="Eq. 15 switch point: the target prompt for t <= T*r (paper: 0.6-0.9; default %(default)s)")
-    p = sub.add_parser("istd", parents=[common], help="ISTD over the prompts of --prompts-file (Sec. 4.1)")
-    p.add_argument("--prompts-file", required=True, help="text file, one prompt per line")
-    p.add_argument("--frames", type=FRAMES, default=11, help="frames per prompt (paper: %(default)s)")
-    return parser
-
-
-def _check_inputs(args):
-    """Refuse missing files and contradictory options before any model is loaded."""
-    for name in ("image", "image_a", "image_b", "prompts_file"):
-        if getattr(args, name, None) and not Path(getattr(args, name)).is_file():
-            raise SystemExit(f"error: --{name.replace('_', '-')} not found: {getattr(args, name)}")
-    if args.command == "istd":
-        lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
-        args.prompts = [line.strip() for line in lines if line.strip()]
-        if not args.prompts:
-            raise SystemExit(f"error: {args.prompts_file} has no prompts; write one prompt per line")
-    if args.command == "interpolate" and (args.image_a is None) != (args.image_b is None):
-        raise SystemExit("error: real-image interpolation needs both --image-a and --image-b")
-    if args.command == "interpolate" and args.compare_base and not args.lora:
-        raise SystemExit("error: --compare-base compares with and without --lora; pass --lora FILE")
-
-
-@dataclass
-class Loaded:
-    """What every command works with: the models, their schedule and geometry, the prompt's embeddings."""
-    models: checkpoint.Models
-    schedule: Schedule
-    size: int             # image side in pixels
-    latent_shape: tuple   # (C, h, w) of one latent
-    cond: torch.Tensor    # --prompt, [1, 77, D]
-    uncond: torch.Tensor  # the "" prompt, [1, 77, D]
-    out: Path
-
-
-def _load(args):
-    """Models, schedule and the latent/image geometry for a CLI command."""
-    if args.model == str(DEMO_MODEL) and not (DEMO_MODEL / "model_index.json").exists():
-        raise SystemExit(f"error: the toy model is not built yet ({DEMO_MODEL} has no model_index.json). "
-                         "Build it with `python toy.py pretrain` (CPU, ~25 min), or pass --model PATH.")
-    if not Path(args.model).exists():
-        raise SystemExit(f"error: model not found: {args.model}. Pass --model PATH "
-                         "(a diffusers folder or a single-file checkpoint).")
-    try:  # a wrong checkpoint, tokenizer or LoRA is the user's input: say what is wrong, no traceback
-        models = checkpoint.load_models(args.model, tokenizer=args.tokenizer, device=args.device, config=args.config)
-        if args.lora:
-            if not Path(args.lora).is_file():
-                raise SystemExit(f"error: LoRA file not found: {args.lora}")
-            lora.load_lora(models.unet, args.lora)
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}") from None
-    factor = 2 ** (len(models.vae.config.block_out_channels) - 1)  # 8 for SD-1.5
-    sample_size = models.unet.config.sample_size
-    size = getattr(args, "size", None) or sample_size * factor
-    multiple = factor * 2 ** (len(models.unet.config.block_out_channels) - 1)  # 64 for SD-1.5
-    if size % multiple:
-        raise SystemExit(f"error: --size {size} must be a multiple of {multiple} for this model")
-    latent_shape = (models.unet.config.in_channels, size // factor, size // factor)
-    out = Path(args.out or Path("out") / args.command)
-    out.mkdir(parents=True, exist_ok=True)
-    return Loaded(models, make_schedule(models.scheduler_config), size, latent_shape,
-                  models.encode_prompt([args.prompt]), models.encode_prompt([""]), out)
-
-
-def invert_images(args, s, latents, cond):
-    """(x_T, per-step nulls or the fixed "" embedding); a batch of images shares the nulls (dual NTI)."""
-    if args.inversion == "ddim":
-        return ddim_invert(s.models.unet, latents, cond, steps=args.steps, schedule=s.schedule), s.uncond
-    return null_text_invert(s.models.unet, latents, cond, s.uncond, steps=args.steps, guidance=args.guidance,
-                            inner_steps=args.inner_steps, schedule=s.schedule)
-
-
-def _scores(x, y, lpips_model=None):
-    scores = {"mse": metrics.mse(x, y).item(), "psnr": metrics.psnr(x, y).item(), "ssim": metrics.ssim(x, y).item()}
-    if lpips_model is not None:
-        scores["lpips"] = metrics.lpips(lpips_model, x, y).item()
-    return scores
-
-
-def _strip_report(frames, suffix=""):
-    return {f"istd{suffix}": metrics.istd(frames),
-            f"mean_adjacent_distance{suffix}": metrics.adjacent_distances(frames).mean().item()}
-
-
-# Each command: (args, Loaded) -> (files written, report for metrics.json).
-
-def run_generate(args, s):
-    noise = noise_pair(args.seed, s.latent_shape)[0].to(args.device)
-    latents = ddim_sample(s.models.unet, noise, s.cond, s.uncond, steps=args.steps, guidance=args.guidance,
-                          schedule=s.schedule)
-    return [media.save_strip(decode_latents(s.models.vae, latents), s.out / "sample.png")], {}
-
-
-def run_interpolate(args, s):
-    """Two noises of --seed, or two real images (Fig. 3: invert both, slerp x_T, lerp prompts and nulls)."""
-    unet, vae, written, report = s.models.unet, s.models.vae, [], {}
-    if args.image_a:  # the VAE-space baseline of Fig. 3
-        images_a, images_b = (media.load_image01(p, s.size).to(args.device) for p in (args.image_a, args.image_b))
-        baseline = interpolate_vae(vae, images_a, images_b, frames=args.frames)
-        written.append(media.save_strip(baseline, s.out / "vae_interpolation.png"))
-        report["vae_interpolation_istd"] = metrics.istd(baseline)
-    # With --compare-base, the same path again with the LoRA switched off: Stable vs Smooth Diffusion.
-    for suffix, lora_scale in [("", 1.0)] + [("_base", 0.0)] * args.compare_base:
-        if args.lora:
-            lora.set_lora_scale(unet, lora_scale)
-        kw = dict(frames=args.frames, steps=args.steps, guidance=args.guidance, schedule=s.schedule)
-        if args.image_a:
-            cond_b = s.models.encode_prompt([args.prompt_b or args.prompt])
-            # Both images in one batch: NTI then shares one null per step (the dual form).
-            latents = encode_images(vae, torch.cat([images_a, images_b]))
-            x_T, nulls = invert_images(args, s, latents, torch.cat([s.cond, cond_b]))
-            frames = interpolate(unet, vae, x_T[:1], x_T[1:], cond_a=s.cond, cond_b=cond_b, uncond_a=nulls, **kw)
-        else:
-            noise_a, noise_b = (n.to(args.device) for n in noise_pair(args.seed, s.latent_shape))
-            frames = interpolate(unet, vae, noise_a, noise_b, cond_a=s.cond, uncond_a=s.uncond, **kw)
-        written += [media.save_strip(frames, s.out / f"interpolation{suffix}.png"),
-                    media.save_gif(frames, s.out / f"interpolation{suffix}.gif")]
-        report.update(_strip_report(frames, suffix))
-    return written, report
-
-
-def _reconstruct(args, s):
-    """(image, its latents, x_T, nulls, the reconstruction) of --image."""
-    image = media.load_image01(args.image, s.size).to(args.device)
-    latents = encode_images(s.models.vae, image)
-    x_T, nulls = invert_images(args, s, latents, s.cond)
-    recon = ddim_sample(s.models.unet, x_T, s.cond, nulls, steps=args.steps, guidance=args.guidance,
-                        schedule=s.schedule)
-    return image, latents, x_T, nulls, decode_latents(s.models.vae, recon)
-
-
-def run_invert(args, s):
-    image, latents, _, _, recon = _reconstruct(args, s)
-    vae_recon = decode_latents(s.models.vae, latents)
-    report = {"inversion": args.inversion, "reconstruction": _scores(recon, image, args.lpips_model),
-              "vae_reconstruction": _scores(vae_recon, image, args.lpips_model),
-              "lpips_net": args.lpips_model.net if args.lpips_model else
-              "skipped: pass --lpips-weights (LPIPS needs ImageNet weights, which are not shipped)"}
-    return [media.save_strip(torch.cat([image, recon]), s.out / "reconstruction.png")], report
-
-
-def run_edit(args, s):
-    image, _, x_T, nulls, recon = _reconstruct(args, s)
-    edited = edit(s.models.unet, x_T, nulls, s.cond, s.models.encode_prompt([args.target_prompt]), r=args.r,
-                  steps=args.steps, guidance=args.guidance, schedule=s.schedule)
-    edited = decode_latents(s.models.vae, edited)
-    return [media.save_strip(torch.cat([image, recon, edited]), s.out / "edit.png")], {}
-
-
-def run_istd(args, s):
-    report = evaluate_istd(s.models.unet, s.models.vae, s.models.encode_prompt, args.prompts,
-                           latent_shape=s.latent_shape, frames=args.frames, steps=args.steps,
-                           guidance=args.guidance, seed=args.seed, schedule=s.schedule)
-    print("\n".join(f"{v:10.4f}  {p}" for p, v in zip(args.prompts, report["per_prompt_istd"])))
-    return [], report
-
-
-COMMANDS = {"generate": run_generate, "interpolate": run_interpolate, "invert": run_invert, "edit": run_edit,
-            "istd": run_istd}
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    demo = not argv
-    if demo:  # the toy interpolation demo, with the Smooth LoRA once `make run` has trained it
-        argv = ["interpolate"] + (["--lora", str(DEMO_LORA), "--compare-base"] if DEMO_LORA.is_file() else [])
-    args = build_parser().parse_args(argv)
-    _check_inputs(args)
-    args.lpips_model = None
-    if getattr(args, "lpips_weights", None):  # before the long inversion: bad files fail at once
-        try:
-            args.lpips_model = metrics.load_lpips(args.lpips_weights, device=args.device)
-        except (ValueError, FileNotFoundError) as error:
-            raise SystemExit(f"error: --lpips-weights: {error}") from None
-    s = _load(args)
-    written, report = COMMANDS[args.command](args, s)
-    if report:
-        report = {"command": args.command, "model": args.model, "lora": args.lora, "steps": args.steps,
-                  "guidance": args.guidance, "seed": args.seed,
-                  **({} if args.command == "istd" else {"prompt": args.prompt}), **report}
-        written.append(s.out / "metrics.json")
-        (s.out / "metrics.json").write_text(json.dumps(report, indent=2))
-        print(json.dumps({k: v for k, v in report.items() if not k.startswith("per_prompt")}, indent=2))
-    for path in written:
-        print(f"wrote {path}")
-    if demo:
-        print("(the toy demo: `python sampler.py interpolate --help` for the options)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the demo CLI lives in sampler_cli.py; `python sampler.py COMMAND ...` runs it
+    import sampler_cli
+    sys.exit(sampler_cli.main())

@@ -182,6 +182,7 @@ def test_sampler_invert_reports_lpips(tiny_sd, tmp_path):
     import checkpoint
     import media
     import sampler
+    import sampler_cli
     lpips, tv = import_oracle()
     torch.manual_seed(0)
     torch.save(tv.alexnet().state_dict(), tmp_path / "alexnet.pth")
@@ -189,19 +190,19 @@ def test_sampler_invert_reports_lpips(tiny_sd, tmp_path):
     folder, _ = tiny_sd
     Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(tmp_path / "in.png")
     args = ["invert", "--model", str(folder), "--image", str(tmp_path / "in.png"), "--prompt", "a cat",
-            "--steps", "2", "--inversion", "ddim", "--size", "32"]
-    sampler.main(args + ["--out", str(tmp_path / "a"), "--lpips-weights", str(lin_file), str(tmp_path / "alexnet.pth")])
+            "--steps", "2", "--inversion", "ddim", "--width", "32", "--height", "32"]
+    sampler_cli.main(args + ["--out", str(tmp_path / "a"), "--lpips-weights", str(lin_file), str(tmp_path / "alexnet.pth")])
     report = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert report["lpips_net"] == "alex" and report["reconstruction"]["lpips"] > 0
     # The VAE row is deterministic (posterior mean): recompute it here.
     models = checkpoint.load_models(folder)
-    image = media.load_image01(tmp_path / "in.png", 32)
+    image = media.load_image01(tmp_path / "in.png", 32, 32)
     vae_recon = sampler.decode_latents(models.vae, sampler.encode_images(models.vae, image))
     expected = metrics.lpips(metrics.load_lpips([tmp_path / "alexnet.pth", lin_file]), vae_recon, image)
     assert report["vae_reconstruction"]["lpips"] == pytest.approx(expected.item(), rel=1e-5)
 
-    sampler.main(args + ["--out", str(tmp_path / "b")])
+    sampler_cli.main(args + ["--out", str(tmp_path / "b")])
     report = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert "lpips" not in report["reconstruction"] and report["lpips_net"].startswith("skipped")
     with pytest.raises(SystemExit, match="missing lins"):  # a bad file fails before any inversion
-        sampler.main(args + ["--out", str(tmp_path / "c"), "--lpips-weights", str(tmp_path / "alexnet.pth")])
+        sampler_cli.main(args + ["--out", str(tmp_path / "c"), "--lpips-weights", str(tmp_path / "alexnet.pth")])

@@ -1,6 +1,11 @@
 """sampler.py against diffusers' DDIM pipeline, exact identities of DDIM, and its CLI on tiny models."""
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +16,8 @@ import checkpoint
 import media
 import metrics
 import sampler
-from conftest import SD15_SCHEDULER
+import sampler_cli
+from conftest import ROOT, SD15_SCHEDULER
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -265,13 +271,13 @@ def test_load_image_converts_modes_and_crops_odd_sizes_with_a_warning(tmp_path):
     rgb = (np.arange(30 * 20 * 3) % 256).astype(np.uint8).reshape(20, 30, 3)
     Image.fromarray(rgb).save(tmp_path / "wide.png")
     with pytest.warns(UserWarning, match="center-cropping"):
-        image = media.load_image01(tmp_path / "wide.png", 20)  # 30x20 -> central 20x20, no resize needed
+        image = media.load_image01(tmp_path / "wide.png", 20, 20)  # 30x20 -> central 20x20, no resize needed
     torch.testing.assert_close(image[0], torch.from_numpy(rgb[:, 5:25]).permute(2, 0, 1).float() / 255)
     for mode in ("L", "RGBA", "P"):
         Image.fromarray(rgb[:16, :16]).convert(mode).save(tmp_path / f"{mode}.png")
-        assert media.load_image01(tmp_path / f"{mode}.png", 16).shape == (1, 3, 16, 16)
+        assert media.load_image01(tmp_path / f"{mode}.png", 16, 16).shape == (1, 3, 16, 16)
     with pytest.raises(FileNotFoundError, match="missing.png"):
-        media.load_image01(tmp_path / "missing.png", 16)
+        media.load_image01(tmp_path / "missing.png", 16, 16)
 
 
 # ------------------------------------------------------------------------------ our models (checkpoint)
@@ -325,7 +331,7 @@ def test_evaluate_istd_scores_prompt_k_on_the_noise_pair_of_seed_plus_k(tiny_sd)
 ])
 def test_cli_rejects_bad_numbers(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
-        sampler.main(argv)
+        sampler_cli.main(argv)
     assert exit_.value.code == 2 and __import__("re").search(message, capsys.readouterr().err)
 
 
@@ -336,7 +342,7 @@ def test_cli_reports_missing_files_and_empty_prompt_files(tmp_path):
                           (["invert", "--image", str(tmp_path / "nope.png")], "not found"),
                           (["generate", "--model", str(tmp_path / "no-model")], "model not found")]:
         with pytest.raises(SystemExit, match=message):
-            sampler.main(argv)
+            sampler_cli.main(argv)
 
 
 @pytest.fixture(scope="module")
@@ -349,7 +355,8 @@ def cli(tiny_sd, tmp_path_factory):
 
     def run(*argv, name=None):
         out = work / (name or argv[0])
-        assert sampler.main([*argv, "--model", str(folder), "--steps", "2", "--out", str(out)]) == 0
+        # argv after the defaults, so that a test's own --steps wins
+        assert sampler_cli.main([argv[0], "--model", str(folder), "--steps", "2", "--out", str(out), *argv[1:]]) == 0
         return out
     return run, photo
 
@@ -409,21 +416,22 @@ def test_cli_lora_flag_loads_the_lora_into_the_unet(cli, tiny_sd, tmp_path):
     assert np.abs(with_lora[:, :16] - smooth).max() == 0  # frame 0 is the LoRA sample of the same seed
     assert np.abs(base[:, :16] - plain).max() == 0  # and --compare-base switched the LoRA off
     assert {"istd", "istd_base"} <= set(json.loads((out / "metrics.json").read_text()))
-    with pytest.raises(SystemExit, match="LoRA file not found"):
+    with pytest.raises(SystemExit, match="--lora not found"):
         run("generate", "--lora", str(tmp_path / "missing.safetensors"), name="missing")
 
 
 def test_no_arguments_runs_the_interpolation_demo_on_the_toy_model(tiny_sd, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sampler, "DEMO_MODEL", tmp_path / "toy-sd")  # not built yet: a clear message
+    monkeypatch.setattr(sampler_cli, "DEMO_MODEL", tmp_path / "toy-sd")  # not built yet: a clear message
     with pytest.raises(SystemExit, match="toy.py pretrain"):
-        sampler.main([])
-    monkeypatch.setattr(sampler, "DEMO_MODEL", tiny_sd[0])  # stands in for assets/toy-sd
-    monkeypatch.setattr(sampler, "DEMO_LORA", tmp_path / "no-lora-yet.safetensors")
-    assert sampler.main([]) == 0
+        sampler_cli.main([])
+    monkeypatch.setattr(sampler_cli, "DEMO_MODEL", tiny_sd[0])  # stands in for assets/toy-sd
+    monkeypatch.setattr(sampler_cli, "DEMO_LORA", tmp_path / "no-lora-yet.safetensors")
+    assert sampler_cli.main([]) == 0
     strip = Image.open(tmp_path / "out" / "interpolate" / "interpolation.png")
     assert strip.size == (11 * 16, 16)  # the paper's 11 frames
-    assert "interpolation.gif" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "interpolation.gif" in printed and "ISTD of this one strip; not a measurement" in printed
 
 
 def test_cli_reads_a_single_file_checkpoint_with_a_tokenizer_folder(cli, tiny_sd, tmp_path):
@@ -434,7 +442,156 @@ def test_cli_reads_a_single_file_checkpoint_with_a_tokenizer_folder(cli, tiny_sd
     out = tmp_path / "single"
     argv = ["generate", "--model", str(single), "--steps", "2", "--out", str(out)]
     with pytest.raises(SystemExit, match="tokenizer"):
-        sampler.main(argv + ["--config", str(folder)])
-    assert sampler.main(argv + ["--config", str(folder), "--tokenizer", str(folder / "tokenizer")]) == 0
+        sampler_cli.main(argv + ["--config", str(folder)])
+    assert sampler_cli.main(argv + ["--config", str(folder), "--tokenizer", str(folder / "tokenizer")]) == 0
     from_folder = np.asarray(Image.open(run("generate") / "sample.png"))
     assert np.array_equal(np.asarray(Image.open(out / "sample.png")), from_folder)
+
+
+# ------------------------------------------------------------------------- demo options (issue 13)
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+
+
+def test_every_option_shows_its_default_in_help():
+    parser = sampler_cli.build_parser()
+    for name, sub in parser._subparsers._group_actions[0].choices.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help" and not action.required:
+                assert "default" in action.help or "paper:" in action.help, (name, action.option_strings)
+
+
+def test_negative_prompt_eta_and_precision_change_the_image_and_fp16_is_refused_on_cpu(cli, capsys):
+    run, _ = cli
+    plain = pixels(run("generate", name="plain-neg") / "sample.png")
+    negative = pixels(run("generate", "--negative-prompt", "a blue square", name="neg") / "sample.png")
+    assert np.abs(plain - negative).mean() > 1.0  # in uint8 levels: the uncond branch of Eq. 5 changed
+    eta = pixels(run("generate", "--eta", "1", name="eta") / "sample.png")
+    assert np.abs(plain - eta).mean() > 0.1  # fresh noise per step (small here: 2 steps, a tiny random VAE)
+    bf16 = pixels(run("generate", "--dtype", "bf16", name="bf16") / "sample.png")
+    assert 0 < np.abs(plain - bf16).mean() < 10  # the same image, at lower precision
+    with pytest.raises(SystemExit, match="fp16 needs a GPU"):
+        run("generate", "--dtype", "fp16", "--device", "cpu", name="fp16")
+
+
+def test_generate_num_images_are_the_seeds_in_order_and_any_valid_size(cli):
+    run, _ = cli
+    out = run("generate", "--num-images", "3", "--batch-size", "2", "--seed", "5", name="many")
+    assert Image.open(out / "sample.png").size == (48, 16)
+    alone = pixels(run("generate", "--seed", "6", name="seed6") / "sample.png")
+    assert np.abs(pixels(out / "sample-6.png") - alone).max() <= 1  # batched vs alone: float summation order
+    assert Image.open(run("generate", "--width", "24", "--height", "12", name="wide") / "sample.png").size == (24, 12)
+    with pytest.raises(SystemExit, match=r"--width 18 must be a multiple of 4 for this model .*native size is 16"):
+        run("generate", "--width", "18", name="bad-width")
+
+
+def test_three_keyframe_walk_passes_through_each_keyframe_image_exactly_at_its_frame(cli):
+    run, _ = cli
+    seeds, prompts = ["3", "17", "42"], ["a red circle", "a blue square", "a photo of a dog"]
+    out = run("interpolate", "--seeds", *seeds, "--prompts", *prompts, "--frames", "4", "--save-frames",
+              "--fps", "5", name="walk")
+    frames = sorted((out / "frames").iterdir())
+    assert len(frames) == 7  # 2 segments x 3 new frames + the first keyframe
+    assert Image.open(out / "interpolation.png").size == (4 * 16, 2 * 16)  # one row per segment
+    gif = Image.open(out / "interpolation.gif")
+    assert gif.n_frames == 12 and gif.info["duration"] == 200  # forward then back, at --fps 5
+    for j, (seed, prompt) in enumerate(zip(seeds, prompts)):
+        keyframe = run("generate", "--seed", seed, "--prompt", prompt, name=f"key{j}") / "sample.png"
+        assert np.array_equal(pixels(frames[3 * j]), pixels(keyframe)), j
+    assert np.abs(pixels(frames[1]) - pixels(frames[0])).mean() > 0  # and it moves in between
+    with pytest.raises(SystemExit, match="one per keyframe"):
+        run("interpolate", "--seeds", *seeds, "--prompts", "a", "b", name="bad-walk")
+
+
+def test_prompt_b_changes_the_end_of_a_noise_interpolation_but_not_its_start(cli):
+    run, _ = cli
+    plain = pixels(run("interpolate", "--frames", "3", name="no-b") / "interpolation.png")
+    with_b = pixels(run("interpolate", "--frames", "3", "--prompt-b", "a blue square", name="b")
+                    / "interpolation.png")
+    assert np.array_equal(plain[:, :16], with_b[:, :16])
+    assert np.abs(plain[:, 32:] - with_b[:, 32:]).mean() > 1.0
+
+
+def test_mp4_video_through_ffmpeg(cli, monkeypatch):
+    run, _ = cli
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("no ffmpeg executable on PATH: --video mp4 cannot be written here")
+    out = run("interpolate", "--frames", "3", "--video", "mp4", name="mp4")
+    decoded = subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(out / "interpolation.mp4"), "-f", "rawvideo",
+                              "-pix_fmt", "rgb24", "-"], capture_output=True, check=True).stdout
+    assert len(decoded) == 4 * 16 * 16 * 3  # 3 frames forward and the middle one back, 16 x 16
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit, match="needs the ffmpeg executable on PATH"):
+        run("interpolate", "--video", "mp4", name="no-ffmpeg")
+
+
+def make_hub_cache(folder, cache, repo_id="some-org/tiny-sd"):
+    """A Hugging Face hub cache holding `repo_id` with the files of the diffusers folder `folder`."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    for file in folder.rglob("*"):
+        if file.is_file():
+            (snapshot / file.relative_to(folder)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(file, snapshot / file.relative_to(folder))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_hub_repo_id_loads_from_the_local_cache_offline(cli, tiny_sd, tmp_path):
+    run, _ = cli
+    make_hub_cache(tiny_sd[0], tmp_path / "hub")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "sampler.py"), "generate", "--steps", "2", "--out", str(tmp_path / "out")]
+    done = subprocess.run(command + ["--model", "some-org/tiny-sd"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert np.array_equal(pixels(tmp_path / "out" / "sample.png"), pixels(run("generate", name="local") / "sample.png"))
+    done = subprocess.run(command + ["--model", "other-org/not-cached"], env=env, capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("sampler.py: error: model not found: other-org/not-cached is no local path")
+
+
+def test_hub_download_asks_only_for_the_files_load_models_reads(tmp_path, monkeypatch):
+    """Configs, tokenizer and safetensors weights; a part's pickle only when it has no safetensors."""
+    import huggingface_hub
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        calls.append(set(allow_patterns))
+        (tmp_path / "unet").mkdir(exist_ok=True)
+        (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+        (tmp_path / "model_index.json").write_text("{}")
+        return str(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert checkpoint.resolve_model("some-org/old-sd") == tmp_path
+    assert not any(p.endswith((".bin", ".ckpt", ".pt", ".pth")) or "*." not in p and p.endswith("*")
+                   for p in calls[0])  # no pickles, no whole folders
+    assert calls[1] - calls[0] == {"vae/diffusion_pytorch_model.bin", "text_encoder/pytorch_model.bin"}
+    assert checkpoint.resolve_model(str(tmp_path)) == tmp_path and len(calls) == 2  # a local path as it is
+    assert checkpoint.resolve_model("no/such.safetensors") == Path("no/such.safetensors") and len(calls) == 2
+
+
+# ----------------------------------------------------------------------- bad input (issue 14)
+
+def test_bad_inputs_end_in_one_error_line_without_a_traceback(cli, tiny_sd, tmp_path):
+    run, _ = cli
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    random_bytes = np.random.default_rng(0).bytes(4096)
+    for suffix in (".safetensors", ".bin"):
+        (tmp_path / f"random{suffix}").write_bytes(random_bytes)
+    cases = [(("invert", "--image", str(tmp_path / "corrupt.png")), "--image: cannot read the image"),
+             (("generate", "--lora", str(tmp_path / "random.safetensors")), "--lora .*cannot load it"),
+             (("generate", "--lora", str(tmp_path / "random.bin")), "--lora .*cannot load it"),
+             (("generate", "--steps", "1001"), "--steps 1001: this model's scheduler has 1000 timesteps"),
+             (("istd", "--prompts-file", str(tmp_path / "none.txt")), "--prompts-file not found"),
+             (("generate", "--height", "17"), "--height 17 must be a multiple of 4")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match=f"^sampler.py: error: {message}") as exit_:
+            run(*argv, name="bad")
+        assert exit_.value.code not in (0, None)
+    done = subprocess.run([sys.executable, str(ROOT / "sampler.py"), *cases[0][0], "--model", str(tiny_sd[0])],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("sampler.py: error: --image")
