@@ -166,11 +166,20 @@ def _check_inputs(args):
             except ValueError as error:
                 fail(f"--{name.replace('_', '-')}: {error}")
     if args.command == "istd":
-        lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        try:
+            lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as error:
+            fail(f"--prompts-file {args.prompts_file} is not UTF-8 text ({error}); write one prompt per line")
         args.prompts = [line.strip() for line in lines if line.strip()]
         if not args.prompts:
             fail(f"{args.prompts_file} has no prompts; write one prompt per line")
-    if getattr(args, "dtype", "fp32") == "fp16" and not args.device.startswith("cuda"):
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        fail(f"--device {args.device} is not a torch device; use e.g. cpu, cuda or cuda:1")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {args.device}: no CUDA GPU is available here; use --device cpu")
+    if getattr(args, "dtype", "fp32") == "fp16" and device.type != "cuda":
         fail(f"--dtype fp16 needs a GPU (--device {args.device}: CPU kernels lack fp16); use fp32 or bf16")
     if getattr(args, "video", None) == "mp4" and shutil.which("ffmpeg") is None:
         fail(media.ffmpeg_missing_message())
@@ -251,7 +260,10 @@ def _load(args):
              f"use 1 to {schedule.num_train_timesteps}")
     width, height, latent_shape = _geometry(args, models)
     out = Path(args.out or Path("out") / args.command)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        fail(f"--out {out}: cannot create the output folder ({error})")
     return Loaded(models, schedule, width, height, latent_shape, models.encode_prompt([args.prompt]),
                   models.encode_prompt([args.negative_prompt]), next(models.unet.parameters()).dtype, out)
 

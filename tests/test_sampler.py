@@ -397,6 +397,17 @@ def test_cli_real_image_interpolation_and_istd(cli, tmp_path):
     assert report["istd"] == pytest.approx(np.mean(report["per_prompt_istd"]))
 
 
+def test_real_image_interpolation_in_batches_of_frames_matches_one_frame_at_a_time(cli):
+    """--batch-size lerps the per-step null embeddings of the dual NTI frame by frame, as batch 1 does."""
+    run, photo = cli
+    argv = ("interpolate", "--image-a", str(photo), "--image-b", str(photo), "--prompt-b", "a dog", "--frames", "3",
+            "--inner-steps", "1")
+    with pytest.warns(UserWarning, match="center-cropping"):
+        one = pixels(run(*argv, name="real1") / "interpolation.png")
+        batched = pixels(run(*argv, "--batch-size", "3", name="real3") / "interpolation.png")
+    assert np.abs(one - batched).max() <= 1 and np.abs(one[:, :16] - one[:, 32:]).mean() > 1.0
+
+
 def test_cli_lora_flag_loads_the_lora_into_the_unet(cli, tiny_sd, tmp_path):
     import checkpoint
     import lora
@@ -586,7 +597,12 @@ def test_bad_inputs_end_in_one_error_line_without_a_traceback(cli, tiny_sd, tmp_
              (("generate", "--lora", str(tmp_path / "random.bin")), "--lora .*cannot load it"),
              (("generate", "--steps", "1001"), "--steps 1001: this model's scheduler has 1000 timesteps"),
              (("istd", "--prompts-file", str(tmp_path / "none.txt")), "--prompts-file not found"),
-             (("generate", "--height", "17"), "--height 17 must be a multiple of 4")]
+             (("generate", "--height", "17"), "--height 17 must be a multiple of 4"),
+             (("istd", "--prompts-file", str(tmp_path / "random.bin")), "--prompts-file .* is not UTF-8 text"),
+             (("generate", "--device", "gpu"), "--device gpu is not a torch device"),
+             (("generate", "--out", str(tmp_path / "corrupt.png")), "--out .*cannot create the output folder")]
+    if not torch.cuda.is_available():
+        cases.append((("generate", "--device", "cuda"), "--device cuda: no CUDA GPU is available here"))
     for argv, message in cases:
         with pytest.raises(SystemExit, match=f"^sampler.py: error: {message}") as exit_:
             run(*argv, name="bad")
