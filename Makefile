@@ -15,7 +15,7 @@ $(VENV)/.runtime: requirements.txt
 
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
-	# LPIPS oracle for tests/test_perceptual.py, kept off the venv's path (see that file for why)
+	# LPIPS oracle for tests/test_metrics.py, kept off the venv's path (see that file for why)
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/lpips-oracle $(LPIPS_ORACLE)
 	touch $@
 

@@ -14,7 +14,8 @@ the scheduler config, from either
 `StableDiffusionPipeline.from_pretrained` and by `load_models`); `save_single_file` writes CompVis.
 
 Pickled files (.bin/.ckpt/.pt) are read with `torch.load(weights_only=True)` only, so a file holding
-Python objects is refused instead of being executed. Nothing here touches the network.
+Python objects is refused instead of being executed. Nothing here touches the network, except
+`resolve_model` for a Hugging Face repo id (only the files `load_models` reads, cached for offline use).
 
     models = load_models("stable-diffusion-v1-5", device="cuda", dtype=torch.float16)
     cond = models.encode_prompt(["a photo of a cat"])  # [1, 77, 768]
@@ -22,6 +23,7 @@ Python objects is refused instead of being executed. Nothing here touches the ne
 import dataclasses
 import json
 import pickle
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,6 +214,48 @@ def diffusers_to_compvis(unet_sd, vae_sd, text_sd, unet_config, vae_config=None)
     text = {"text_model." + k: v for k, v in _text_keys(text_sd).items()}  # SD-1.5 files use transformers-4 names
     return ({UNET_PREFIX + k: v for k, v in unet.items()} | {VAE_PREFIX + k: v for k, v in vae.items()}
             | {TEXT_PREFIX + k: v for k, v in text.items()})
+
+
+# ----------------------------------------------------------------------------------- hub model ids
+
+# The files `load_models` reads from a diffusers repository; safetensors weights only, unless a part has none.
+HUB_FILES = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*.json", "tokenizer/merges.txt",
+             "unet/config.json", "vae/config.json", "text_encoder/config.json",
+             "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+             "text_encoder/model.safetensors"]
+HUB_PICKLES = {"unet": "unet/diffusion_pytorch_model.bin", "vae": "vae/diffusion_pytorch_model.bin",
+               "text_encoder": "text_encoder/pytorch_model.bin"}  # read with weights_only=True
+
+
+def _looks_like_repo_id(text):
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None and not text.endswith(
+        (".safetensors", *PICKLE_SUFFIXES))
+
+
+def resolve_model(path_or_repo_id) -> Path:
+    """A local model path as it is, or a Hugging Face repo id (`org/name`, diffusers layout) as the
+    folder of its files in the local hub cache: downloaded when online, the cached copy offline
+    (HF_HUB_OFFLINE=1 or no network). Only the files `load_models` reads are fetched."""
+    path = Path(path_or_repo_id)
+    if path.exists() or not _looks_like_repo_id(str(path_or_repo_id)):
+        return path
+    import huggingface_hub  # comes with transformers; imported here so local paths never need it
+
+    repo_id = str(path_or_repo_id)
+    try:
+        folder = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES))
+        missing = [file for part, file in HUB_PICKLES.items() if not any((folder / part).glob("*.safetensors"))]
+        if missing:  # an older repository without safetensors: its pickles, read with weights_only
+            folder = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES + missing))
+    except (huggingface_hub.errors.HfHubHTTPError, huggingface_hub.errors.LocalEntryNotFoundError,
+            OSError, ValueError) as error:
+        raise FileNotFoundError(
+            f"model not found: {repo_id} is no local path, and the Hugging Face hub gave no copy of it "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}). Check the id and your network, or "
+            "download it once online (it is then cached for HF_HUB_OFFLINE=1), or pass a local folder.") from None
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"{repo_id} has no model_index.json: not a diffusers Stable Diffusion repository")
+    return folder
 
 
 # ------------------------------------------------------------------------------------------ models

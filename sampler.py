@@ -1,4 +1,4 @@
-"""DDIM sampling, inversion, interpolation and editing, and the metrics of Smooth Diffusion (Sec. 3.1, 4).
+"""DDIM sampling, inversion, interpolation and editing of Smooth Diffusion (Sec. 3.1, 4).
 
 What is here, in the order of the paper:
   * the DDIM sampler (Eq. 3) with classifier-free guidance (Eq. 5), on SD-1.5's schedule;
@@ -7,11 +7,12 @@ What is here, in the order of the paper:
   * interpolation: slerp between two noises, between two inverted real images, and the VAE-space
     baseline (Sec. 4.1, Fig. 3);
   * text-based editing by switching the prompt during the NTI reconstruction (Eq. 15, Sec. 4.4);
-  * ISTD (Sec. 4.1) and the reconstruction metrics MSE / PSNR / SSIM of Table 2; its LPIPS is in
-    perceptual.py and needs ImageNet weights the user brings (`invert --lpips-weights`).
+  * the ISTD protocol (Sec. 4.1): interpolation strips on fixed noise pairs, scored by metrics.py
+    (which also holds Table 2's MSE / PSNR / SSIM / LPIPS).
 
 `unet` is any callable `(x, t, context) -> eps` (our `unet.UNet` is one); timesteps are passed to it
-as a [B] LongTensor. Run `python sampler.py` for the toy interpolation demo, or e.g.
+as a [B] LongTensor. The demo CLI is in sampler_cli.py: run `python sampler.py` for the toy
+interpolation demo, or e.g.
 
     python sampler.py interpolate --model PATH --lora smooth_lora.safetensors --prompt "a cat"
     python sampler.py invert --model PATH --image photo.jpg --prompt "a photo of a cat" --inversion nti
@@ -20,31 +21,20 @@ as a [B] LongTensor. Run `python sampler.py` for the toy interpolation demo, or 
 
 `python sampler.py COMMAND --help` lists every option with the paper's defaults.
 """
-import argparse
-import json
 import sys
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
-import checkpoint
-import lora
-import perceptual
+import metrics
 
 # SD-1.5's scheduler_config.json (a PNDM config; what DDIMScheduler.from_config reads from it).
 SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       num_train_timesteps=1000, set_alpha_to_one=False, steps_offset=1,
                       timestep_spacing="leading", prediction_type="epsilon")
-ROOT = Path(__file__).resolve().parent
-DEMO_MODEL = ROOT / "assets" / "toy-sd"  # built by `python toy.py pretrain`
-DEMO_LORA = ROOT / "runs" / "toy" / "smooth_lora.safetensors"  # written by `python train.py`
-DEMO_PROMPT = "a large red circle on a white background"  # a caption of the toy world
 
 
 # ----------------------------------------------------------------------------------------- schedule
@@ -97,7 +87,7 @@ def _abar(schedule, t):
 
 # ------------------------------------------------------------------------------------ DDIM sampling
 
-def ddim_step(x, eps, abar_t, abar_prev, eta=0.0, noise=None):
+def ddim_step(x, eps, abar_t, abar_prev, *, eta=0.0, noise=None):
     """Move x from noise level abar_t to abar_prev with the noise estimate eps (DDIM, Song et al. 2021).
 
     At eta=0 this is the paper's Eq. 3 and, with the levels swapped, Eq. 4.
@@ -127,7 +117,7 @@ def _timestep(t, x):
     return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
 
 
-def guided_eps(unet, x, t, cond, uncond=None, guidance=7.5):
+def guided_eps(unet, x, t, cond, uncond=None, *, guidance=7.5):
     """Eq. 5, w * eps(x, t, cond) + (1 - w) * eps(x, t, null), in one UNet call on the batch [uncond, cond].
 
     Without uncond (or at w = 1) this is the conditional prediction alone.
@@ -147,7 +137,7 @@ def _check_per_step(name, value, steps):
 
 
 @torch.no_grad()
-def ddim_sample(unet, latents, cond, uncond=None, steps=50, guidance=7.5, eta=0.0, schedule=None,
+def ddim_sample(unet, latents, cond, uncond=None, *, steps=50, guidance=7.5, eta=0.0, schedule=None,
                 generator=None, progress=True):
     """Run the backward process (Eq. 3) from x_T = latents with classifier-free guidance (Eq. 5).
 
@@ -161,19 +151,19 @@ def ddim_sample(unet, latents, cond, uncond=None, steps=50, guidance=7.5, eta=0.
     stride = schedule.num_train_timesteps // steps
     x = latents
     for i, t in enumerate(tqdm(ddim_timesteps(steps, schedule).tolist(), desc="DDIM", disable=not progress)):
-        eps = guided_eps(unet, x, t, _at(cond, i), _at(uncond, i), guidance)
+        eps = guided_eps(unet, x, t, _at(cond, i), _at(uncond, i), guidance=guidance)
         noise = None
         if eta > 0:
             device = generator.device if generator is not None else x.device
             noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
-        x = ddim_step(x, eps, _abar(schedule, t), _abar(schedule, t - stride), eta, noise)
+        x = ddim_step(x, eps, _abar(schedule, t), _abar(schedule, t - stride), eta=eta, noise=noise)
     return x
 
 
 # -------------------------------------------------------------------------------------- inversion
 
 @torch.no_grad()
-def ddim_inversion_trajectory(unet, latents, cond, steps=50, schedule=None, progress=True):
+def ddim_inversion_trajectory(unet, latents, cond, *, steps=50, schedule=None, progress=True):
     """DDIM inversion (Eq. 4) as in null-text inversion's code: conditional branch only, no guidance.
 
     The step to timestep t uses eps(x, t, cond) evaluated on the latent still at the level below t
@@ -189,12 +179,12 @@ def ddim_inversion_trajectory(unet, latents, cond, steps=50, schedule=None, prog
     return trajectory
 
 
-def ddim_invert(unet, latents, cond, steps=50, schedule=None, progress=True):
+def ddim_invert(unet, latents, cond, *, steps=50, schedule=None, progress=True):
     """x_T from DDIM inversion (Eq. 4); see `ddim_inversion_trajectory` for the convention."""
-    return ddim_inversion_trajectory(unet, latents, cond, steps, schedule, progress)[-1]
+    return ddim_inversion_trajectory(unet, latents, cond, steps=steps, schedule=schedule, progress=progress)[-1]
 
 
-def null_text_invert(unet, latents, cond, uncond, steps=50, guidance=7.5, inner_steps=10, lr=1e-2,
+def null_text_invert(unet, latents, cond, uncond, *, steps=50, guidance=7.5, inner_steps=10, lr=1e-2,
                      early_stop=1e-5, schedule=None, progress=True):
     """Null-text inversion (Mokady et al. 2023): x_T and one optimised null embedding per step.
 
@@ -211,7 +201,7 @@ def null_text_invert(unet, latents, cond, uncond, steps=50, guidance=7.5, inner_
     """
     schedule = schedule or make_schedule()
     stride = schedule.num_train_timesteps // steps
-    trajectory = ddim_inversion_trajectory(unet, latents, cond, steps, schedule, progress)
+    trajectory = ddim_inversion_trajectory(unet, latents, cond, steps=steps, schedule=schedule, progress=progress)
     cond = _batch(cond, latents.shape[0])
     x, null, nulls = trajectory[-1], uncond.detach(), []
     for i, t in enumerate(tqdm(ddim_timesteps(steps, schedule).tolist(), desc="null-text inversion",
@@ -235,7 +225,7 @@ def null_text_invert(unet, latents, cond, uncond, steps=50, guidance=7.5, inner_
         null = null.detach()
         nulls.append(null)
         with torch.no_grad():
-            x = ddim_step(x, guided_eps(unet, x, t, cond, null, guidance), abar_t, abar_prev)
+            x = ddim_step(x, guided_eps(unet, x, t, cond, null, guidance=guidance), abar_t, abar_prev)
     return trajectory[-1], nulls
 
 
@@ -270,7 +260,7 @@ def encode_images(vae, images01):
 
 # ----------------------------------------------------------------------------------- interpolation
 
-def slerp(t, v0, v1, dot_threshold=0.9995):
+def slerp(t, v0, v1, *, dot_threshold=0.9995):
     """Spherical interpolation between two tensors, each treated as one flat vector (Stable Diffusion Walk).
 
     Falls back to linear interpolation when the vectors are nearly parallel (|cos| > dot_threshold),
@@ -286,40 +276,43 @@ def slerp(t, v0, v1, dot_threshold=0.9995):
     return out.to(v0.dtype)
 
 
-def interpolate_noises(noise_a, noise_b, frames=11):
+def interpolate_noises(noise_a, noise_b, *, frames=11):
     """[frames, ...] noises slerped at ratios 0, 1/(frames-1), ..., 1 (11 frames: 0, 0.1, ..., 1, Sec. 4.1)."""
     return torch.cat([slerp(t, noise_a, noise_b) for t in torch.linspace(0, 1, frames).tolist()])
 
 
-def _lerp(a, b, t):
-    """Linear interpolation of embeddings, or of per-step lists of them."""
+def _lerp(a, b, ts):
+    """Embeddings (or per-step lists of them) lerped at each ratio in ts, stacked on the batch axis."""
     if isinstance(a, (list, tuple)):
-        return [torch.lerp(x, y, t) for x, y in zip(a, b)]
-    return None if a is None else torch.lerp(a, b, t)
+        return [_lerp(x, y, ts) for x, y in zip(a, b)]
+    return None if a is None else torch.cat([torch.lerp(a, b, t) for t in ts])
 
 
 @torch.no_grad()
-def interpolate(unet, vae, noise_a, noise_b, cond_a, cond_b=None, uncond_a=None, uncond_b=None,
-                frames=11, steps=50, guidance=7.5, schedule=None, progress=True):
+def interpolate(unet, vae, noise_a, noise_b, *, cond_a, cond_b=None, uncond_a=None, uncond_b=None, frames=11,
+                steps=50, guidance=7.5, schedule=None, batch_size=1, progress=True):
     """Images along the slerp from noise_a to noise_b, [frames, 3, H, W] in [0, 1].
 
     The prompt embeddings (cond) and the null embeddings (uncond: a tensor, or per-step lists from
     null-text inversion) are lerped alongside; leave the *_b ones out to keep them fixed. For two
-    real images pass their inverted x_T as the noises (the paper's Fig. 3 protocol).
+    real images pass their inverted x_T as the noises (the paper's Fig. 3 protocol). Frames go
+    through the UNet batch_size at a time (1: each frame equals a lone sample bit for bit).
     """
     cond_b = cond_a if cond_b is None else cond_b
     uncond_b = uncond_a if uncond_b is None else uncond_b
-    noises = interpolate_noises(noise_a, noise_b, frames)
-    images = []
-    for k, t in enumerate(tqdm(torch.linspace(0, 1, frames).tolist(), desc="frames", disable=not progress)):
-        latents = ddim_sample(unet, noises[k:k + 1], _lerp(cond_a, cond_b, t), _lerp(uncond_a, uncond_b, t),
-                              steps, guidance, schedule=schedule, progress=False)
+    noises = interpolate_noises(noise_a, noise_b, frames=frames)
+    ratios, images = torch.linspace(0, 1, frames).tolist(), []
+    for k in tqdm(range(0, frames, batch_size), desc="frames", disable=not progress):
+        ts = ratios[k:k + batch_size]
+        cond, uncond = _lerp(cond_a, cond_b, ts), _lerp(uncond_a, uncond_b, ts)
+        latents = ddim_sample(unet, noises[k:k + batch_size], cond, uncond, steps=steps, guidance=guidance,
+                              schedule=schedule, progress=False)
         images.append(decode_latents(vae, latents))
     return torch.cat(images)
 
 
 @torch.no_grad()
-def interpolate_vae(vae, images_a, images_b, frames=11):
+def interpolate_vae(vae, images_a, images_b, *, frames=11):
     """The VAE-space baseline of Fig. 3: lerp the two images' VAE latents and decode, [frames, 3, H, W]."""
     za, zb = encode_images(vae, images_a), encode_images(vae, images_b)
     return torch.cat([decode_latents(vae, torch.lerp(za, zb, t)) for t in torch.linspace(0, 1, frames).tolist()])
@@ -327,42 +320,25 @@ def interpolate_vae(vae, images_a, images_b, frames=11):
 
 # ------------------------------------------------------------------------------------------ editing
 
-def edit_conds(cond_src, cond_trg, r, steps=50, schedule=None):
+def edit_conds(cond_src, cond_trg, *, r=0.8, steps=50, schedule=None):
     """Eq. 15 as one embedding per step: the source prompt while t > T * r, the target once t <= T * r."""
     schedule = schedule or make_schedule()
     threshold = schedule.num_train_timesteps * r
     return [cond_src if t > threshold else cond_trg for t in ddim_timesteps(steps, schedule).tolist()]
 
 
-def edit(unet, latents_T, nulls, cond_src, cond_trg, r=0.8, steps=50, guidance=7.5, schedule=None, progress=True):
+def edit(unet, latents_T, nulls, cond_src, cond_trg, *, r=0.8, steps=50, guidance=7.5, schedule=None, progress=True):
     """Text-based editing (Sec. 4.4): the NTI reconstruction from (x_T, nulls), switching prompts by Eq. 15.
 
     r = 0 is the reconstruction itself; r = 1 samples the target prompt from the same x_T and nulls.
     The paper picks r in {0.6, 0.7, 0.8, 0.9} per image; the official demo's default is 0.8.
     """
-    return ddim_sample(unet, latents_T, edit_conds(cond_src, cond_trg, r, steps, schedule), nulls, steps,
-                       guidance, schedule=schedule, progress=progress)
+    conds = edit_conds(cond_src, cond_trg, r=r, steps=steps, schedule=schedule)
+    return ddim_sample(unet, latents_T, conds, nulls, steps=steps, guidance=guidance, schedule=schedule,
+                       progress=progress)
 
 
-# ------------------------------------------------------------------------------------------ metrics
-
-def adjacent_distances(frames):
-    """L2 distances between consecutive frames, [N - 1], frames [N, C, H, W]."""
-    return (frames[1:] - frames[:-1]).flatten(1).double().norm(dim=1)
-
-
-def istd(frames):
-    """ISTD (Sec. 4.1): the standard deviation of the L2 distances between adjacent frames.
-
-    frames: [N, C, H, W] in [0, 1] (float, not uint8). The paper leaves the pixel range and the kind of
-    standard deviation open. [0, 1] pixels give distances of the size the paper reports (tens at
-    512 x 512: ||d|| = 887 x the per-pixel RMS difference), whereas 0-255 would be ~255x larger.
-    We use the population standard deviation (ddof = 0, numpy's default): the N - 1 distances are
-    the whole set being described, not a sample; the sample std (ddof = 1) is sqrt(10/9) = 1.054x
-    larger for 11 frames.
-    """
-    return adjacent_distances(frames).std(correction=0).item()
-
+# ----------------------------------------------------------------------- the ISTD protocol (Sec. 4.1)
 
 def noise_pair(seed, shape):
     """Two standard normal noises [1, *shape] from a CPU generator seeded with `seed`."""
@@ -371,39 +347,41 @@ def noise_pair(seed, shape):
 
 
 @torch.no_grad()
-def interpolation_strips(unet, vae, encode_prompt, prompts, latent_shape=(4, 64, 64), frames=11, steps=50,
-                         guidance=7.5, seed=0, schedule=None, batch=12, progress=True):
+def interpolation_strips(unet, vae, encode_prompt, prompts, *, latent_shape=(4, 64, 64), frames=11, steps=50,
+                         guidance=7.5, seed=0, schedule=None, batch=12, uncond=None, progress=True):
     """The paper's ISTD protocol (Sec. 4.1) as images: strip k slerps between the noise pair of seed + k
     and is sampled with prompts[k] and CFG, [len(prompts), frames, 3, H, W] in [0, 1].
 
     Fixed seeds per strip let two models be compared on the same pairs, and any subset of prompts
     is reproducible. `batch` strips (x frames) go through the UNet together: the result is that of
     `interpolate` strip by strip up to float summation order (measured: 1.2e-5 relative on ISTD).
+    uncond: the embedding of CFG's unconditional branch (default: the "" prompt's).
     """
-    uncond = encode_prompt([""])
+    uncond = encode_prompt([""]) if uncond is None else uncond
     strips = []
     for start in tqdm(range(0, len(prompts), batch), desc="ISTD strips", disable=not progress):
         ks = range(start, min(len(prompts), start + batch))
         cond = encode_prompt([prompts[k] for k in ks]).repeat_interleave(frames, 0)
-        noises = torch.cat([interpolate_noises(*noise_pair(seed + k, latent_shape), frames) for k in ks])
-        latents = ddim_sample(unet, noises.to(cond.device, cond.dtype), cond, uncond, steps, guidance,
+        noises = torch.cat([interpolate_noises(*noise_pair(seed + k, latent_shape), frames=frames) for k in ks])
+        latents = ddim_sample(unet, noises.to(cond.device, cond.dtype), cond, uncond, steps=steps, guidance=guidance,
                               schedule=schedule, progress=False)
         images = decode_latents(vae, latents)
         strips.append(images.view(len(ks), frames, *images.shape[1:]))
     return torch.cat(strips)
 
 
-def evaluate_istd(unet, vae, encode_prompt, prompts, latent_shape=(4, 64, 64), frames=11, steps=50,
-                  guidance=7.5, seed=0, schedule=None, progress=True):
+def evaluate_istd(unet, vae, encode_prompt, prompts, *, latent_shape=(4, 64, 64), frames=11, steps=50,
+                  guidance=7.5, seed=0, schedule=None, batch=12, uncond=None, progress=True):
     """ISTD over many prompts with the paper's protocol (Sec. 4.1): per prompt k, the strip of
     `interpolation_strips` (noise pair seed + k, 11 frames, CFG 7.5), then `istd`; averaged over prompts.
     The mean adjacent distance is reported beside it: a low ISTD can also come from uniformly large
     jumps. Returns a dict of per-prompt values and their means.
     """
-    strips = interpolation_strips(unet, vae, encode_prompt, prompts, latent_shape, frames, steps, guidance, seed,
-                                  schedule, progress=progress)
-    per_prompt = [istd(strip) for strip in strips]
-    per_prompt_distance = [adjacent_distances(strip).mean().item() for strip in strips]
+    strips = interpolation_strips(unet, vae, encode_prompt, prompts, latent_shape=latent_shape, frames=frames,
+                                  steps=steps, guidance=guidance, seed=seed, schedule=schedule, batch=batch,
+                                  uncond=uncond, progress=progress)
+    per_prompt = [metrics.istd(strip) for strip in strips]
+    per_prompt_distance = [metrics.adjacent_distances(strip).mean().item() for strip in strips]
     return {"istd": float(np.mean(per_prompt)), "mean_adjacent_distance": float(np.mean(per_prompt_distance)),
             "prompts": list(prompts), "per_prompt_istd": per_prompt,
             "per_prompt_mean_adjacent_distance": per_prompt_distance,
@@ -411,334 +389,6 @@ def evaluate_istd(unet, vae, encode_prompt, prompts, latent_shape=(4, 64, 64), f
                          "interpolation": "slerp", "pixel_range": "[0, 1]", "std": "population (ddof=0)"}}
 
 
-def _per_image(values, like):
-    """Reduce [N, ...] per-pixel values to [N] per-image means ([] for a single [C, H, W] image)."""
-    return values.flatten(1).mean(1) if like.ndim == 4 else values.mean()
-
-
-def mse(x, y):
-    """Mean squared error of images in [0, 1]: [C, H, W] -> scalar tensor, [N, C, H, W] -> [N]."""
-    return _per_image((x.double() - y.double()) ** 2, x)
-
-
-def psnr(x, y, data_range=1.0):
-    """Peak signal-to-noise ratio in dB, 10 log10(data_range^2 / MSE), per image."""
-    return 10 * torch.log10(data_range ** 2 / mse(x, y))
-
-
-def _gaussian_window(size=11, sigma=1.5):
-    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
-    return g / g.sum()
-
-
-def ssim(x, y, data_range=1.0, window=11, sigma=1.5):
-    """Structural similarity (Wang et al. 2004): Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03.
-
-    Images in [0, 1], [C, H, W] or [N, C, H, W]; the SSIM map is averaged over the valid positions
-    (no padding) and over channels. Returns a scalar tensor or [N].
-    """
-    single = x.ndim == 3
-    x, y = (v.double()[None] if single else v.double() for v in (x, y))
-    channels = x.shape[1]
-    g = _gaussian_window(window, sigma)
-    kernel = (g[:, None] * g[None, :]).expand(channels, 1, window, window).to(x.device)
-
-    def blur(v):  # local weighted mean, one channel at a time
-        return F.conv2d(v, kernel, groups=channels)
-
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x ** 2
-    var_y = blur(y * y) - mu_y ** 2
-    cov = blur(x * y) - mu_x * mu_y
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
-    values = ssim_map.flatten(1).mean(1)
-    return values[0] if single else values
-
-
-# -------------------------------------------------------------------------------------- image files
-
-def load_image(path, size):
-    """An image file as [1, 3, size, size] in [0, 1].
-
-    Any mode becomes RGB (transparent pixels over white). An image that is not size x size is
-    center-cropped to a square and resized (bicubic), as null-text inversion prepares its inputs,
-    with a warning.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    image = Image.open(path)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, image.convert("RGBA"))
-    image = image.convert("RGB")
-    w, h = image.size
-    if (w, h) != (size, size):
-        warnings.warn(f"{path}: {w}x{h} is not the model's {size}x{size}; center-cropping to a square and "
-                      f"resizing to {size}x{size} (--size sets another side).")
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
-
-
-def to_pil(images):
-    """[N, 3, H, W] in [0, 1] -> list of PIL images (rounded to uint8, as diffusers does)."""
-    array = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in array]
-
-
-def save_strip(images, path):
-    """Save [N, 3, H, W] images side by side as one PNG."""
-    frames = to_pil(images)
-    strip = Image.new("RGB", (sum(f.width for f in frames), frames[0].height))
-    for k, f in enumerate(frames):
-        strip.paste(f, (k * f.width, 0))
-    strip.save(path)
-    return path
-
-
-def save_gif(images, path, seconds=2.0):
-    """Save [N, 3, H, W] images as a looping GIF that plays forward then back."""
-    frames = to_pil(images)
-    frames = frames + frames[-2:0:-1]
-    frames[0].save(path, save_all=True, append_images=frames[1:], loop=0,
-                   duration=max(20, int(1000 * seconds / len(frames))))
-    return path
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-def _int_at_least_1(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
-
-
-def _frames(text):
-    value = int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"need at least 2 frames to interpolate, got {text}")
-    return value
-
-
-def _non_negative(text):
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _unit_interval(text):
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
-def build_parser():
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", default=str(DEMO_MODEL),
-                        help="diffusers model folder or single-file checkpoint (default: the toy model, "
-                             "assets/toy-sd)")
-    common.add_argument("--tokenizer", default=None,
-                        help="tokenizer folder (vocab.json + merges.txt); needed for single-file checkpoints")
-    common.add_argument("--config", default=None,
-                        help="diffusers folder whose configs describe a single-file checkpoint (default: SD-1.5)")
-    common.add_argument("--lora", default=None, help="Smooth Diffusion LoRA .safetensors to apply to the UNet")
-    common.add_argument("--prompt", default=DEMO_PROMPT,
-                        help="the prompt (for images: their caption); default %(default)r")
-    common.add_argument("--steps", type=_int_at_least_1, default=50, help="DDIM steps (paper: %(default)s)")
-    common.add_argument("--guidance", type=_non_negative, default=7.5, help="CFG scale w of Eq. 5 (paper: %(default)s)")
-    common.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: %(default)s)")
-    common.add_argument("--out", default=None, help="output folder (default: out/COMMAND)")
-    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device (default: %(default)s)")
-    images = argparse.ArgumentParser(add_help=False)
-    images.add_argument("--size", type=_int_at_least_1, default=None,
-                        help="image side in pixels (default: the model's native size, e.g. 512 for SD-1.5)")
-    images.add_argument("--inversion", choices=("nti", "ddim"), default="nti",
-                        help="null-text inversion or plain DDIM inversion (default: %(default)s)")
-    images.add_argument("--inner-steps", type=_int_at_least_1, default=10,
-                        help="null-text inversion: Adam steps per timestep (paper: %(default)s)")
-
-    parser = argparse.ArgumentParser(description="Smooth Diffusion sampler. With no arguments: the toy "
-                                                 "interpolation demo (`interpolate` with every default).")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("generate", parents=[common], help="sample one image from --seed")
-    p = sub.add_parser("interpolate", parents=[common, images],
-                       help="interpolate two noises drawn with --seed or, with --image-a/--image-b, two real "
-                            "images; writes a PNG strip and a GIF")
-    p.add_argument("--frames", type=_frames, default=11, help="frames, mix ratios 0..1 (paper: %(default)s)")
-    p.add_argument("--image-a", default=None, help="first real image (needs --image-b)")
-    p.add_argument("--image-b", default=None, help="second real image")
-    p.add_argument("--prompt-b", default=None, help="caption of --image-b (default: --prompt)")
-    p.add_argument("--compare-base", action="store_true",
-                   help="with --lora: also render the same interpolation without the LoRA (*_base.png/gif)")
-    p = sub.add_parser("invert", parents=[common, images],
-                       help="invert --image and reconstruct it; writes input | reconstruction and MSE/PSNR/SSIM"
-                            " (and LPIPS with --lpips-weights)")
-    p.add_argument("--image", required=True, help="the image to invert")
-    p.add_argument("--lpips-weights", nargs="+", default=None, metavar="FILE",
-                   help="report LPIPS too (perceptual.py): torchvision's alexnet (or vgg16) ImageNet weights "
-                        "and the lpips package's weights/v0.1/alex.pth (or vgg.pth), in any order; "
-                        "nothing is downloaded")
-    p = sub.add_parser("edit", parents=[common, images],
-                       help="edit --image from --prompt to --target-prompt by Eq. 15; "
-                            "writes source | reconstruction | edit")
-    p.add_argument("--image", required=True, help="the image to edit (--prompt is its caption)")
-    p.add_argument("--target-prompt", required=True, help="the edited caption")
-    p.add_argument("--r", type=_unit_interval, default=0.8,
-                   help="Eq. 15 switch point: the target prompt for t <= T*r (paper: 0.6-0.9; default %(default)s)")
-    p = sub.add_parser("istd", parents=[common], help="ISTD over the prompts of --prompts-file (Sec. 4.1)")
-    p.add_argument("--prompts-file", required=True, help="text file, one prompt per line")
-    p.add_argument("--frames", type=_frames, default=11, help="frames per prompt (paper: %(default)s)")
-    return parser
-
-
-def _load(args):
-    """Models, schedule and the latent/image geometry for a CLI command."""
-    if args.model == str(DEMO_MODEL) and not (DEMO_MODEL / "model_index.json").exists():
-        raise SystemExit(f"error: the toy model is not built yet ({DEMO_MODEL} has no model_index.json). "
-                         "Build it with `python toy.py pretrain` (CPU, ~25 min), or pass --model PATH.")
-    if not Path(args.model).exists():
-        raise SystemExit(f"error: model not found: {args.model}. Pass --model PATH "
-                         "(a diffusers folder or a single-file checkpoint).")
-    try:  # a wrong checkpoint, tokenizer or LoRA is the user's input: say what is wrong, no traceback
-        models = checkpoint.load_models(args.model, tokenizer=args.tokenizer, device=args.device, config=args.config)
-        if args.lora:
-            if not Path(args.lora).is_file():
-                raise SystemExit(f"error: LoRA file not found: {args.lora}")
-            lora.load_lora(models.unet, args.lora)
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}") from None
-    factor = 2 ** (len(models.vae.config.block_out_channels) - 1)  # 8 for SD-1.5
-    sample_size = models.unet.config.sample_size
-    size = getattr(args, "size", None) or sample_size * factor
-    multiple = factor * 2 ** (len(models.unet.config.block_out_channels) - 1)  # 64 for SD-1.5
-    if size % multiple:
-        raise SystemExit(f"error: --size {size} must be a multiple of {multiple} for this model")
-    latent_shape = (models.unet.config.in_channels, size // factor, size // factor)
-    return models, make_schedule(models.scheduler_config), size, latent_shape
-
-
-def _invert(args, models, schedule, latents, cond, uncond):
-    """(x_T, per-step nulls or the fixed "" embedding); a batch of images shares the nulls (dual NTI)."""
-    if args.inversion == "ddim":
-        return ddim_invert(models.unet, latents, cond, args.steps, schedule), uncond
-    return null_text_invert(models.unet, latents, cond, uncond, args.steps, args.guidance,
-                            inner_steps=args.inner_steps, schedule=schedule)
-
-
-def _metrics(x, y, lpips_model=None):
-    scores = {"mse": mse(x, y).item(), "psnr": psnr(x, y).item(), "ssim": ssim(x, y).item()}
-    if lpips_model is not None:
-        scores["lpips"] = perceptual.lpips(lpips_model, x, y).item()
-    return scores
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    demo = not argv
-    if demo:  # the toy interpolation demo, with the Smooth LoRA once `make run` has trained it
-        argv = ["interpolate"] + (["--lora", str(DEMO_LORA), "--compare-base"] if DEMO_LORA.is_file() else [])
-    args = build_parser().parse_args(argv)
-    out = Path(args.out or Path("out") / args.command)
-    if args.command == "istd":
-        if not Path(args.prompts_file).is_file():
-            raise SystemExit(f"error: prompts file not found: {args.prompts_file}")
-        prompts = [line.strip() for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines()]
-        prompts = [p for p in prompts if p]
-        if not prompts:
-            raise SystemExit(f"error: {args.prompts_file} has no prompts; write one prompt per line")
-    for name in ("image", "image_a", "image_b"):
-        if getattr(args, name, None) and not Path(getattr(args, name)).is_file():
-            raise SystemExit(f"error: --{name.replace('_', '-')} not found: {getattr(args, name)}")
-    if args.command == "interpolate" and (args.image_a is None) != (args.image_b is None):
-        raise SystemExit("error: real-image interpolation needs both --image-a and --image-b")
-    if args.command == "interpolate" and args.compare_base and not args.lora:
-        raise SystemExit("error: --compare-base compares with and without --lora; pass --lora FILE")
-
-    lpips_model = None
-    if getattr(args, "lpips_weights", None):  # before the long inversion: bad files fail at once
-        try:
-            lpips_model = perceptual.load_lpips(args.lpips_weights, device=args.device)
-        except (ValueError, FileNotFoundError) as error:
-            raise SystemExit(f"error: --lpips-weights: {error}") from None
-    models, schedule, size, latent_shape = _load(args)
-    out.mkdir(parents=True, exist_ok=True)
-    unet, vae, device = models.unet, models.vae, torch.device(args.device)
-    cond, uncond = models.encode_prompt([args.prompt]), models.encode_prompt([""])
-    written, report = [], {}
-
-    if args.command == "generate":
-        noise = noise_pair(args.seed, latent_shape)[0].to(device)
-        latents = ddim_sample(unet, noise, cond, uncond, args.steps, args.guidance, schedule=schedule)
-        written.append(save_strip(decode_latents(vae, latents), out / "sample.png"))
-
-    elif args.command == "interpolate":
-        if args.image_a:  # the VAE-space baseline of Fig. 3
-            images_a, images_b = (load_image(p, size).to(device) for p in (args.image_a, args.image_b))
-            baseline = interpolate_vae(vae, images_a, images_b, args.frames)
-            written.append(save_strip(baseline, out / "vae_interpolation.png"))
-            report["vae_interpolation_istd"] = istd(baseline)
-        # With --compare-base, the same path again with the LoRA switched off: Stable vs Smooth Diffusion.
-        for suffix, lora_scale in [("", 1.0)] + [("_base", 0.0)] * args.compare_base:
-            if args.lora:
-                lora.set_lora_scale(unet, lora_scale)
-            if args.image_a:  # Fig. 3: invert both images, slerp x_T, lerp prompts and nulls
-                cond_b = models.encode_prompt([args.prompt_b or args.prompt])
-                # Both images in one batch: NTI then shares one null per step (the dual form).
-                latents = encode_images(vae, torch.cat([images_a, images_b]))
-                x_T, nulls = _invert(args, models, schedule, latents, torch.cat([cond, cond_b]), uncond)
-                frames = interpolate(unet, vae, x_T[:1], x_T[1:], cond, cond_b, nulls, nulls, args.frames,
-                                     args.steps, args.guidance, schedule)
-            else:
-                noise_a, noise_b = (n.to(device) for n in noise_pair(args.seed, latent_shape))
-                frames = interpolate(unet, vae, noise_a, noise_b, cond, uncond_a=uncond, frames=args.frames,
-                                     steps=args.steps, guidance=args.guidance, schedule=schedule)
-            written += [save_strip(frames, out / f"interpolation{suffix}.png"),
-                        save_gif(frames, out / f"interpolation{suffix}.gif")]
-            report.update({f"istd{suffix}": istd(frames),
-                           f"mean_adjacent_distance{suffix}": adjacent_distances(frames).mean().item()})
-
-    elif args.command in ("invert", "edit"):
-        image = load_image(args.image, size).to(device)
-        latents = encode_images(vae, image)
-        x_T, nulls = _invert(args, models, schedule, latents, cond, uncond)
-        recon = decode_latents(vae, ddim_sample(unet, x_T, cond, nulls, args.steps, args.guidance, schedule=schedule))
-        if args.command == "invert":
-            report = {"inversion": args.inversion, "reconstruction": _metrics(recon, image, lpips_model),
-                      "vae_reconstruction": _metrics(decode_latents(vae, latents), image, lpips_model),
-                      "lpips_net": lpips_model.net if lpips_model else
-                      "skipped: pass --lpips-weights (LPIPS needs ImageNet weights, which are not shipped)"}
-            written.append(save_strip(torch.cat([image, recon]), out / "reconstruction.png"))
-        else:
-            edited = decode_latents(vae, edit(unet, x_T, nulls, cond, models.encode_prompt([args.target_prompt]),
-                                              args.r, args.steps, args.guidance, schedule))
-            written.append(save_strip(torch.cat([image, recon, edited]), out / "edit.png"))
-
-    elif args.command == "istd":
-        report = evaluate_istd(unet, vae, models.encode_prompt, prompts, latent_shape, args.frames, args.steps,
-                               args.guidance, args.seed, schedule)
-        print("\n".join(f"{v:10.4f}  {p}" for p, v in zip(prompts, report["per_prompt_istd"])))
-
-    if report:
-        report = {"command": args.command, "model": args.model, "lora": args.lora, "steps": args.steps,
-                  "guidance": args.guidance, "seed": args.seed,
-                  **({} if args.command == "istd" else {"prompt": args.prompt}), **report}
-        written.append(out / "metrics.json")
-        (out / "metrics.json").write_text(json.dumps(report, indent=2))
-        print(json.dumps({k: v for k, v in report.items() if not k.startswith("per_prompt")}, indent=2))
-    for path in written:
-        print(f"wrote {path}")
-    if demo:
-        print("(the toy demo: `python sampler.py interpolate --help` for the options)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the demo CLI lives in sampler_cli.py; `python sampler.py COMMAND ...` runs it
+    import sampler_cli
+    sys.exit(sampler_cli.main())

@@ -46,6 +46,7 @@ from PIL import Image, ImageDraw
 
 import checkpoint
 import lora
+import metrics
 import sampler
 import toy
 import toy_metrics
@@ -211,9 +212,10 @@ def sample_strips(models, prompts, p):
     """The frames of every strip, [strips, frames, 3, H, W] in [0, 1]: strip k is
     sampler.interpolation_strips' strip for prompt k mod len(prompts) and noise pair seed + k."""
     return sampler.interpolation_strips(models.unet, models.vae, models.encode_prompt,
-                                        [prompts[k % len(prompts)] for k in range(p.strips)], latent_shape(models),
-                                        p.frames, p.steps, p.guidance, p.seed,
-                                        sampler.make_schedule(models.scheduler_config), p.chunk, progress=False)
+                                        [prompts[k % len(prompts)] for k in range(p.strips)],
+                                        latent_shape=latent_shape(models), frames=p.frames, steps=p.steps,
+                                        guidance=p.guidance, seed=p.seed, batch=p.chunk, progress=False,
+                                        schedule=sampler.make_schedule(models.scheduler_config))
 
 
 def score_strips(strips, prompts, real_features):
@@ -221,8 +223,8 @@ def score_strips(strips, prompts, real_features):
     S, F = strips.shape[:2]
     frames = strips.flatten(0, 1)
     captions = [prompts[k % len(prompts)] for k in range(S) for _ in range(F)]
-    return {"per_strip_istd": [sampler.istd(s) for s in strips],
-            "per_strip_mean_adjacent_distance": [sampler.adjacent_distances(s).mean().item() for s in strips],
+    return {"per_strip_istd": [metrics.istd(s) for s in strips],
+            "per_strip_mean_adjacent_distance": [metrics.adjacent_distances(s).mean().item() for s in strips],
             "caption_accuracy": toy.caption_accuracy(frames, captions),
             "frechet_distance": toy_metrics.frechet_distance(toy_metrics.features(frames, toy.load_classifier()),
                                                              real_features)}
@@ -251,20 +253,19 @@ def reconstruct(models, images01, captions, targets, p):
     with torch.no_grad():
         cond, cond_target = models.encode_prompt(captions), models.encode_prompt(targets)
         uncond = models.encode_prompt([""])
-    x_T = sampler.ddim_invert(unet, latents, cond, p.steps, schedule, progress=False)  # Eq. 4
-    ddim = sampler.ddim_sample(unet, x_T, cond, uncond, p.steps, p.guidance, schedule=schedule, progress=False)
-    x_T, nulls = sampler.null_text_invert(unet, latents, cond, uncond.expand(B, -1, -1).clone(), p.steps,
-                                          p.guidance, inner_steps=p.nti_inner_steps, schedule=schedule,
-                                          progress=False)
-    nti = sampler.ddim_sample(unet, x_T, cond, nulls, p.steps, p.guidance, schedule=schedule, progress=False)
-    edited = sampler.edit(unet, x_T, nulls, cond, cond_target, p.edit_r, p.steps, p.guidance, schedule,
-                          progress=False)  # Eq. 15
+    kw = dict(steps=p.steps, schedule=schedule, progress=False)
+    x_T = sampler.ddim_invert(unet, latents, cond, **kw)  # Eq. 4
+    ddim = sampler.ddim_sample(unet, x_T, cond, uncond, guidance=p.guidance, **kw)
+    x_T, nulls = sampler.null_text_invert(unet, latents, cond, uncond.expand(B, -1, -1).clone(),
+                                          guidance=p.guidance, inner_steps=p.nti_inner_steps, **kw)
+    nti = sampler.ddim_sample(unet, x_T, cond, nulls, guidance=p.guidance, **kw)
+    edited = sampler.edit(unet, x_T, nulls, cond, cond_target, r=p.edit_r, guidance=p.guidance, **kw)  # Eq. 15
     return {k: sampler.decode_latents(models.vae, z) for k, z in (("ddim", ddim), ("nti", nti), ("edit", edited))}
 
 
 def image_metrics(x, y):
     """Per-image MSE / PSNR / SSIM lists of images in [0, 1]."""
-    return {"mse": sampler.mse(x, y).tolist(), "psnr": sampler.psnr(x, y).tolist(), "ssim": sampler.ssim(x, y).tolist()}
+    return {"mse": metrics.mse(x, y).tolist(), "psnr": metrics.psnr(x, y).tolist(), "ssim": metrics.ssim(x, y).tolist()}
 
 
 def recon_inputs(p):

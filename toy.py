@@ -439,7 +439,7 @@ def generate(models, prompts, seed=0, steps=50, guidance=7.5, batch=48):
     images = []
     for i in range(0, len(prompts), batch):
         cond = models.encode_prompt(prompts[i:i + batch])
-        z = sampler.ddim_sample(models.unet, latents[i:i + batch], cond, uncond, steps, guidance,
+        z = sampler.ddim_sample(models.unet, latents[i:i + batch], cond, uncond, steps=steps, guidance=guidance,
                                 schedule=schedule, progress=False)
         images.append(sampler.decode_latents(models.vae, z))
     return torch.cat(images)
@@ -450,14 +450,16 @@ def evaluate(model=MODEL_DIR, out="runs/toy_eval", per_prompt=4, steps=50, guida
     caption accuracy / Frechet distance (the proxies of toy_metrics) of samples for the held-out and
     the training prompts. Writes OUT/samples.png (one sample per held-out prompt) and OUT/eval.json."""
     import checkpoint
+    import media
+    import metrics
     import sampler
 
     models = checkpoint.load_models(model)
     real, attributes = make_images(1000, seed=seed + 7, split="heldout")
     real01 = toy_metrics.images01(real)
     recon = sampler.decode_latents(models.vae, sampler.encode_images(models.vae, real01))
-    results = {"vae_reconstruction_heldout": {"mse": sampler.mse(recon, real01).mean().item(),
-                                              "psnr": sampler.psnr(recon, real01).mean().item()},
+    results = {"vae_reconstruction_heldout": {"mse": metrics.mse(recon, real01).mean().item(),
+                                              "psnr": metrics.psnr(recon, real01).mean().item()},
                "classifier_heldout_real": caption_accuracy(real01, [caption(a) for a in attributes]),
                "steps": steps, "guidance": guidance}
     train_prompts = sorted({caption(a) for a in make_images(200, seed=seed + 8)[1]})[:24]
@@ -469,7 +471,7 @@ def evaluate(model=MODEL_DIR, out="runs/toy_eval", per_prompt=4, steps=50, guida
             results[name]["frechet_to_real"] = toy_metrics.frechet_distance(
                 toy_metrics.features(images, load_classifier()), toy_metrics.features(real01, load_classifier()))
             Path(out).mkdir(parents=True, exist_ok=True)
-            sampler.save_strip(images[::per_prompt], Path(out) / "samples.png")
+            media.save_strip(images[::per_prompt], Path(out) / "samples.png")
     (Path(out) / "eval.json").write_text(json.dumps(results, indent=2))
     return results
 
@@ -478,7 +480,7 @@ def evaluate(model=MODEL_DIR, out="runs/toy_eval", per_prompt=4, steps=50, guida
 
 # `python train.py` with no arguments: a Smooth-LoRA (lambda 1, rank 8) on the tiny model, in minutes.
 TRAIN_DEFAULTS = dict(resolution=RESOLUTION, batch_size=16, grad_accum=1, max_steps=300, lr=1e-3,
-                      save_every=100, lambda_reg=1.0, rank=8, num_workers=0)
+                      save_every=100, lambda_reg=1.0, rank=8, num_workers=0, threads=1)
 
 
 def labelled_grid(rows, scale=2, label_width=150):
@@ -508,6 +510,22 @@ class ReportProtocol:
     figure_strips: int = 3  # the figure shows strips 0, 1, 2: fixed in advance, not picked by looking
 
 
+def score_strips(strips, prompts, real_features):
+    """ISTD (Sec. 4.1) and the quality proxies of sampled strips [S, frames, 3, H, W] in [0, 1], strip k
+    sampled with prompts[k mod len(prompts)]: per-strip ISTD and mean adjacent distance (and their means),
+    caption accuracy and the FID-proxy (against `real_features`) over all frames."""
+    import metrics
+
+    S, F = strips.shape[:2]
+    per_strip_istd = [metrics.istd(s) for s in strips]
+    per_strip_distance = [metrics.adjacent_distances(s).mean().item() for s in strips]
+    frames = strips.flatten(0, 1)
+    return {"istd": float(np.mean(per_strip_istd)), "mean_adjacent_distance": float(np.mean(per_strip_distance)),
+            "per_strip_istd": per_strip_istd, "per_strip_mean_adjacent_distance": per_strip_distance,
+            "caption_accuracy": caption_accuracy(frames, [prompts[k % len(prompts)] for k in range(S) for _ in range(F)]),
+            "fid_proxy": toy_metrics.frechet_distance(toy_metrics.features(frames, load_classifier()), real_features)}
+
+
 def report(model_path, loras, out_dir, protocol=None, reference="control"):
     """Paired before/after of LoRAs on the held-out prompts, written to OUT/report.json, one printed line,
     and OUT/interpolation_before_after.png (each model's row for the first strips, frames enlarged 4x).
@@ -532,17 +550,11 @@ def report(model_path, loras, out_dir, protocol=None, reference="control"):
         if lora_path is not None:
             lora.load_lora(models.unet, lora_path)
         strips = sampler.interpolation_strips(
-            models.unet, models.vae, models.encode_prompt, prompts, (4, RESOLUTION // 4, RESOLUTION // 4),
-            p.frames, p.steps, p.guidance, p.seed, sampler.make_schedule(models.scheduler_config), progress=False)
-        frames = strips.flatten(0, 1)
-        results[name] = {
-            "lora": None if lora_path is None else str(lora_path),
-            "per_strip_istd": [sampler.istd(s) for s in strips],
-            "per_strip_mean_adjacent_distance": [sampler.adjacent_distances(s).mean().item() for s in strips],
-            "caption_accuracy": caption_accuracy(frames, [q for q in prompts for _ in range(p.frames)]),
-            "fid_proxy": toy_metrics.frechet_distance(toy_metrics.features(frames, load_classifier()), real_features)}
-        results[name]["istd"] = float(np.mean(results[name]["per_strip_istd"]))
-        results[name]["mean_adjacent_distance"] = float(np.mean(results[name]["per_strip_mean_adjacent_distance"]))
+            models.unet, models.vae, models.encode_prompt, prompts, latent_shape=(4, RESOLUTION // 4, RESOLUTION // 4),
+            frames=p.frames, steps=p.steps, guidance=p.guidance, seed=p.seed,
+            schedule=sampler.make_schedule(models.scheduler_config), progress=False)
+        results[name] = {"lora": None if lora_path is None else str(lora_path),
+                         **score_strips(strips, prompts, real_features)}
         rows.append((name, strips[:p.figure_strips]))
     for name in results:
         if name != reference:

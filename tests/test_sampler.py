@@ -1,6 +1,11 @@
-"""sampler.py against diffusers' DDIM pipeline, exact identities of DDIM, and scikit-image's metrics."""
+"""sampler.py against diffusers' DDIM pipeline, exact identities of DDIM, and its CLI on tiny models."""
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,8 +13,11 @@ import torch
 from PIL import Image
 
 import checkpoint
+import media
+import metrics
 import sampler
-from conftest import SD15_SCHEDULER
+import sampler_cli
+from conftest import ROOT, SD15_SCHEDULER
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -115,10 +123,10 @@ def test_ddim_inversion_then_sampling_is_exact_when_eps_does_not_depend_on_x():
         return table[t[0]]
 
     x_0 = randn(1, 4, 4, 4, seed=2)
-    x_T = sampler.ddim_invert(eps_of_t, x_0, torch.zeros(1, 77, 8), steps, schedule, progress=False)
+    x_T = sampler.ddim_invert(eps_of_t, x_0, torch.zeros(1, 77, 8), steps=steps, schedule=schedule, progress=False)
     timesteps = sampler.ddim_timesteps(steps, schedule).tolist()
     assert seen == timesteps[::-1]  # inversion evaluates eps at the target timesteps 1, 101, ..., 901
-    back = sampler.ddim_sample(eps_of_t, x_T, torch.zeros(1, 77, 8), None, steps, guidance=1.0,
+    back = sampler.ddim_sample(eps_of_t, x_T, torch.zeros(1, 77, 8), None, steps=steps, guidance=1.0,
                                schedule=schedule, progress=False)
     assert relative_error(x_T, x_0) > 1.0
     assert relative_error(back, x_0) < 1e-4
@@ -131,7 +139,7 @@ def inversion_case(tiny_sd):
     unet, schedule, steps = diffusers_unet(pipe), saved_schedule(folder), 10
     cond, uncond = embed(pipe, ["a red circle", ""])[:, None].unbind(0)
     x_0 = randn(1, 4, 8, 8, seed=1)
-    x_T_nti, nulls = sampler.null_text_invert(unet, x_0, cond, uncond, steps, 7.5, schedule=schedule,
+    x_T_nti, nulls = sampler.null_text_invert(unet, x_0, cond, uncond, steps=steps, guidance=7.5, schedule=schedule,
                                               progress=False)
     return dict(unet=unet, schedule=schedule, steps=steps, cond=cond, uncond=uncond, x_0=x_0,
                 x_T_nti=x_T_nti, nulls=nulls, other=embed(pipe, ["a blue square"]))
@@ -140,10 +148,10 @@ def inversion_case(tiny_sd):
 def test_null_text_inversion_reconstructs_clearly_better_than_ddim_inversion_under_cfg(inversion_case):
     c = inversion_case
     kw = dict(steps=c["steps"], guidance=7.5, schedule=c["schedule"], progress=False)
-    x_T = sampler.ddim_invert(c["unet"], c["x_0"], c["cond"], c["steps"], c["schedule"], progress=False)
+    x_T = sampler.ddim_invert(c["unet"], c["x_0"], c["cond"], steps=c["steps"], schedule=c["schedule"], progress=False)
     torch.testing.assert_close(c["x_T_nti"], x_T)  # NTI starts from the DDIM inversion's x_T
-    ddim_error = sampler.mse(sampler.ddim_sample(c["unet"], x_T, c["cond"], c["uncond"], **kw), c["x_0"]).item()
-    nti_error = sampler.mse(sampler.ddim_sample(c["unet"], x_T, c["cond"], c["nulls"], **kw), c["x_0"]).item()
+    ddim_error = metrics.mse(sampler.ddim_sample(c["unet"], x_T, c["cond"], c["uncond"], **kw), c["x_0"]).item()
+    nti_error = metrics.mse(sampler.ddim_sample(c["unet"], x_T, c["cond"], c["nulls"], **kw), c["x_0"]).item()
     # Measured here: latent MSE 40.0 (DDIM) vs 14.4 (NTI), ratio 2.78; over four latent/prompt pairs the
     # ratio was 2.3-3.9 at 10 steps. The tiny random UNet is a poor denoiser, so both errors are large in
     # absolute terms; the test is about the ratio.
@@ -162,10 +170,10 @@ def test_null_text_inversion_is_near_exact_when_the_null_can_cancel_the_guidance
     schedule, steps = sampler.make_schedule(), 10
     cond, uncond, x_0 = 0.1 * randn(1, 77, 8, seed=2), torch.zeros(1, 77, 8), randn(1, 4, 4, 4, seed=3)
     kw = dict(steps=steps, guidance=7.5, schedule=schedule, progress=False)
-    x_T = sampler.ddim_invert(eps, x_0, cond, steps, schedule, progress=False)
-    ddim_error = sampler.mse(sampler.ddim_sample(eps, x_T, cond, uncond, **kw), x_0).item()
+    x_T = sampler.ddim_invert(eps, x_0, cond, steps=steps, schedule=schedule, progress=False)
+    ddim_error = metrics.mse(sampler.ddim_sample(eps, x_T, cond, uncond, **kw), x_0).item()
     x_T, nulls = sampler.null_text_invert(eps, x_0, cond, uncond, **kw)
-    nti_error = sampler.mse(sampler.ddim_sample(eps, x_T, cond, nulls, **kw), x_0).item()
+    nti_error = metrics.mse(sampler.ddim_sample(eps, x_T, cond, nulls, **kw), x_0).item()
     # Measured: DDIM 28.3, NTI 1.8e-3. Aiming each step at the wrong inverted level gives 0.14, and
     # advancing with the "" null instead of the optimised one gives 65.
     assert ddim_error > 10 and nti_error < 1e-2
@@ -176,9 +184,9 @@ def test_null_text_inversion_without_optimisation_is_ddim_inversion_with_the_emp
     unet, schedule = diffusers_unet(pipe), saved_schedule(folder)
     cond, uncond = embed(pipe, ["a dog", ""])[:, None].unbind(0)
     x_0 = randn(1, 4, 8, 8, seed=3)
-    x_T, nulls = sampler.null_text_invert(unet, x_0, cond, uncond, 3, inner_steps=0, schedule=schedule,
+    x_T, nulls = sampler.null_text_invert(unet, x_0, cond, uncond, steps=3, inner_steps=0, schedule=schedule,
                                           progress=False)
-    torch.testing.assert_close(x_T, sampler.ddim_invert(unet, x_0, cond, 3, schedule, progress=False))
+    torch.testing.assert_close(x_T, sampler.ddim_invert(unet, x_0, cond, steps=3, schedule=schedule, progress=False))
     assert all(torch.equal(n, uncond) for n in nulls)
 
 
@@ -189,8 +197,8 @@ def test_dual_null_text_inversion_shares_one_null_per_step_across_two_images(tin
     x_a, x_b = randn(1, 4, 8, 8, seed=4), randn(1, 4, 8, 8, seed=5)
     x_T, nulls = sampler.null_text_invert_dual(unet, x_a, x_b, cond_a, cond_b, uncond, steps=2, inner_steps=2,
                                                schedule=schedule, progress=False)
-    torch.testing.assert_close(x_T[:1], sampler.ddim_invert(unet, x_a, cond_a, 2, schedule, progress=False))
-    torch.testing.assert_close(x_T[1:], sampler.ddim_invert(unet, x_b, cond_b, 2, schedule, progress=False))
+    torch.testing.assert_close(x_T[:1], sampler.ddim_invert(unet, x_a, cond_a, steps=2, schedule=schedule, progress=False))
+    torch.testing.assert_close(x_T[1:], sampler.ddim_invert(unet, x_b, cond_b, steps=2, schedule=schedule, progress=False))
     assert [n.shape for n in nulls] == [uncond.shape] * 2
 
 
@@ -211,11 +219,11 @@ def test_eq15_switches_to_the_target_prompt_once_t_is_at_most_T_times_r():
     src, trg = torch.zeros(1, 2, 3), torch.ones(1, 2, 3)
     # 10 steps: t = 901, 801, ..., 1. r = 0.8 keeps the source for t > 800: 901 and 801 (the official
     # code's "source for steps i < (1 - r) * 50" gives the same split at 50 steps).
-    conds = sampler.edit_conds(src, trg, 0.8, steps=10)
+    conds = sampler.edit_conds(src, trg, r=0.8, steps=10)
     assert [c is trg for c in conds] == [False, False] + [True] * 8
-    at_801 = sampler.edit_conds(src, trg, 0.801, steps=10)  # T * r = 801 exactly: t = 801 is "t <= T r"
+    at_801 = sampler.edit_conds(src, trg, r=0.801, steps=10)  # T * r = 801 exactly: t = 801 is "t <= T r"
     assert [c is trg for c in at_801] == [False] + [True] * 9
-    assert sum(c is src for c in sampler.edit_conds(src, trg, 0.8, steps=50)) == 10
+    assert sum(c is src for c in sampler.edit_conds(src, trg, r=0.8, steps=50)) == 10
 
 
 # -------------------------------------------------------------------------------------- interpolation
@@ -257,71 +265,19 @@ def test_interpolate_noises_gives_the_papers_eleven_mix_ratios():
     torch.testing.assert_close(noises[3:4], sampler.slerp(0.3, a, b))
 
 
-# -------------------------------------------------------------------------------------------- metrics
-
-def frames_with_steps(distances, shape=(3, 4, 4), seed=12):
-    """Frames walking along one random unit direction with the given step lengths."""
-    direction = randn(*shape, seed=seed)
-    direction /= direction.norm()
-    positions = np.concatenate([[0.0], np.cumsum(distances)])
-    return torch.stack([0.5 + float(p) * direction / 100 for p in positions]).float()
-
-
-def test_istd_is_the_population_std_of_adjacent_l2_distances():
-    assert sampler.istd(frames_with_steps([2.0] * 10)) == pytest.approx(0.0, abs=1e-5)  # uniform steps
-    distances = [1.0, 3.0, 1.0, 3.0, 2.0, 2.0, 5.0, 1.0, 1.0, 1.0]
-    frames = frames_with_steps(distances)
-    torch.testing.assert_close(sampler.adjacent_distances(frames),
-                               torch.tensor(distances, dtype=torch.float64) / 100, rtol=1e-5, atol=0)
-    assert sampler.istd(frames) == pytest.approx(np.std(distances) / 100, rel=1e-5)  # ddof = 0
-    assert sampler.istd(frames) != pytest.approx(np.std(distances, ddof=1) / 100, rel=1e-3)
-
-
-@pytest.fixture(scope="module")
-def photos():
-    skimage = pytest.importorskip("skimage")
-    noise = np.random.default_rng(0)
-    pairs = []
-    for clean in (skimage.data.astronaut(), skimage.data.chelsea()):
-        clean = clean[:128, :160].astype(np.float64) / 255
-        noisy = np.clip(clean + noise.normal(0, 0.08, clean.shape), 0, 1)
-        pairs.append((clean, noisy))
-    blurred = np.asarray(Image.fromarray((pairs[0][0] * 255).astype(np.uint8)).resize((40, 32)).resize((160, 128)))
-    pairs.append((pairs[0][0], blurred.astype(np.float64) / 255))
-    return pairs
-
-
-def as_tensor(image):
-    return torch.from_numpy(image).permute(2, 0, 1)
-
-
-def test_ssim_and_psnr_equal_scikit_image_on_photos(photos):
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
-    for clean, other in photos:
-        ref_ssim = structural_similarity(clean, other, channel_axis=2, data_range=1.0, gaussian_weights=True,
-                                         sigma=1.5, use_sample_covariance=False)
-        assert sampler.ssim(as_tensor(clean), as_tensor(other)).item() == pytest.approx(ref_ssim, rel=1e-6)
-        ref_psnr = peak_signal_noise_ratio(clean, other, data_range=1.0)
-        assert sampler.psnr(as_tensor(clean), as_tensor(other)).item() == pytest.approx(ref_psnr, rel=1e-9)
-        assert sampler.mse(as_tensor(clean), as_tensor(other)).item() == pytest.approx(np.mean((clean - other) ** 2))
-    batch = torch.stack([as_tensor(p[1]) for p in photos[:2]]), torch.stack([as_tensor(p[0]) for p in photos[:2]])
-    assert sampler.ssim(*batch).shape == (2,) and sampler.psnr(*batch).shape == (2,)
-
-
 # ----------------------------------------------------------------------------------------- image files
 
 def test_load_image_converts_modes_and_crops_odd_sizes_with_a_warning(tmp_path):
     rgb = (np.arange(30 * 20 * 3) % 256).astype(np.uint8).reshape(20, 30, 3)
     Image.fromarray(rgb).save(tmp_path / "wide.png")
     with pytest.warns(UserWarning, match="center-cropping"):
-        image = sampler.load_image(tmp_path / "wide.png", 20)  # 30x20 -> central 20x20, no resize needed
+        image = media.load_image01(tmp_path / "wide.png", 20, 20)  # 30x20 -> central 20x20, no resize needed
     torch.testing.assert_close(image[0], torch.from_numpy(rgb[:, 5:25]).permute(2, 0, 1).float() / 255)
     for mode in ("L", "RGBA", "P"):
         Image.fromarray(rgb[:16, :16]).convert(mode).save(tmp_path / f"{mode}.png")
-        assert sampler.load_image(tmp_path / f"{mode}.png", 16).shape == (1, 3, 16, 16)
+        assert media.load_image01(tmp_path / f"{mode}.png", 16, 16).shape == (1, 3, 16, 16)
     with pytest.raises(FileNotFoundError, match="missing.png"):
-        sampler.load_image(tmp_path / "missing.png", 16)
+        media.load_image01(tmp_path / "missing.png", 16, 16)
 
 
 # ------------------------------------------------------------------------------ our models (checkpoint)
@@ -351,16 +307,16 @@ def test_evaluate_istd_scores_prompt_k_on_the_noise_pair_of_seed_plus_k(tiny_sd)
 
     models = checkpoint.load_models(tiny_sd[0])
     kw = dict(frames=3, steps=2, guidance=7.5, progress=False)
-    report = sampler.evaluate_istd(models.unet, models.vae, models.encode_prompt, ["a cat", "a dog"], (4, 8, 8),
-                                   seed=7, **kw)
+    report = sampler.evaluate_istd(models.unet, models.vae, models.encode_prompt, ["a cat", "a dog"],
+                                   latent_shape=(4, 8, 8), seed=7, **kw)
     noise_a, noise_b = sampler.noise_pair(8, (4, 8, 8))  # prompt 1 -> seed 7 + 1
-    frames = sampler.interpolate(models.unet, models.vae, noise_a, noise_b, models.encode_prompt(["a dog"]),
+    frames = sampler.interpolate(models.unet, models.vae, noise_a, noise_b, cond_a=models.encode_prompt(["a dog"]),
                                  uncond_a=models.encode_prompt([""]), **kw)
     # evaluate_istd samples the strips in one batch, `interpolate` one frame at a time: the same numbers
     # up to float summation order. Measured: 2e-7 relative on the distances, 1.2e-5 on their std.
     assert report["per_prompt_mean_adjacent_distance"][1] == pytest.approx(
-        sampler.adjacent_distances(frames).mean().item(), rel=2e-6)
-    assert report["per_prompt_istd"][1] == pytest.approx(sampler.istd(frames), rel=1e-4)
+        metrics.adjacent_distances(frames).mean().item(), rel=2e-6)
+    assert report["per_prompt_istd"][1] == pytest.approx(metrics.istd(frames), rel=1e-4)
     assert report["per_prompt_istd"][0] != pytest.approx(report["per_prompt_istd"][1], rel=1e-2)
     assert report["istd"] == pytest.approx(np.mean(report["per_prompt_istd"]))
 
@@ -375,7 +331,7 @@ def test_evaluate_istd_scores_prompt_k_on_the_noise_pair_of_seed_plus_k(tiny_sd)
 ])
 def test_cli_rejects_bad_numbers(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
-        sampler.main(argv)
+        sampler_cli.main(argv)
     assert exit_.value.code == 2 and __import__("re").search(message, capsys.readouterr().err)
 
 
@@ -386,7 +342,7 @@ def test_cli_reports_missing_files_and_empty_prompt_files(tmp_path):
                           (["invert", "--image", str(tmp_path / "nope.png")], "not found"),
                           (["generate", "--model", str(tmp_path / "no-model")], "model not found")]:
         with pytest.raises(SystemExit, match=message):
-            sampler.main(argv)
+            sampler_cli.main(argv)
 
 
 @pytest.fixture(scope="module")
@@ -399,7 +355,8 @@ def cli(tiny_sd, tmp_path_factory):
 
     def run(*argv, name=None):
         out = work / (name or argv[0])
-        assert sampler.main([*argv, "--model", str(folder), "--steps", "2", "--out", str(out)]) == 0
+        # argv after the defaults, so that a test's own --steps wins
+        assert sampler_cli.main([argv[0], "--model", str(folder), "--steps", "2", "--out", str(out), *argv[1:]]) == 0
         return out
     return run, photo
 
@@ -440,6 +397,17 @@ def test_cli_real_image_interpolation_and_istd(cli, tmp_path):
     assert report["istd"] == pytest.approx(np.mean(report["per_prompt_istd"]))
 
 
+def test_real_image_interpolation_in_batches_of_frames_matches_one_frame_at_a_time(cli):
+    """--batch-size lerps the per-step null embeddings of the dual NTI frame by frame, as batch 1 does."""
+    run, photo = cli
+    argv = ("interpolate", "--image-a", str(photo), "--image-b", str(photo), "--prompt-b", "a dog", "--frames", "3",
+            "--inner-steps", "1")
+    with pytest.warns(UserWarning, match="center-cropping"):
+        one = pixels(run(*argv, name="real1") / "interpolation.png")
+        batched = pixels(run(*argv, "--batch-size", "3", name="real3") / "interpolation.png")
+    assert np.abs(one - batched).max() <= 1 and np.abs(one[:, :16] - one[:, 32:]).mean() > 1.0
+
+
 def test_cli_lora_flag_loads_the_lora_into_the_unet(cli, tiny_sd, tmp_path):
     import checkpoint
     import lora
@@ -459,21 +427,22 @@ def test_cli_lora_flag_loads_the_lora_into_the_unet(cli, tiny_sd, tmp_path):
     assert np.abs(with_lora[:, :16] - smooth).max() == 0  # frame 0 is the LoRA sample of the same seed
     assert np.abs(base[:, :16] - plain).max() == 0  # and --compare-base switched the LoRA off
     assert {"istd", "istd_base"} <= set(json.loads((out / "metrics.json").read_text()))
-    with pytest.raises(SystemExit, match="LoRA file not found"):
+    with pytest.raises(SystemExit, match="--lora not found"):
         run("generate", "--lora", str(tmp_path / "missing.safetensors"), name="missing")
 
 
 def test_no_arguments_runs_the_interpolation_demo_on_the_toy_model(tiny_sd, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sampler, "DEMO_MODEL", tmp_path / "toy-sd")  # not built yet: a clear message
+    monkeypatch.setattr(sampler_cli, "DEMO_MODEL", tmp_path / "toy-sd")  # not built yet: a clear message
     with pytest.raises(SystemExit, match="toy.py pretrain"):
-        sampler.main([])
-    monkeypatch.setattr(sampler, "DEMO_MODEL", tiny_sd[0])  # stands in for assets/toy-sd
-    monkeypatch.setattr(sampler, "DEMO_LORA", tmp_path / "no-lora-yet.safetensors")
-    assert sampler.main([]) == 0
+        sampler_cli.main([])
+    monkeypatch.setattr(sampler_cli, "DEMO_MODEL", tiny_sd[0])  # stands in for assets/toy-sd
+    monkeypatch.setattr(sampler_cli, "DEMO_LORA", tmp_path / "no-lora-yet.safetensors")
+    assert sampler_cli.main([]) == 0
     strip = Image.open(tmp_path / "out" / "interpolate" / "interpolation.png")
     assert strip.size == (11 * 16, 16)  # the paper's 11 frames
-    assert "interpolation.gif" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "interpolation.gif" in printed and "ISTD of this one strip; not a measurement" in printed
 
 
 def test_cli_reads_a_single_file_checkpoint_with_a_tokenizer_folder(cli, tiny_sd, tmp_path):
@@ -484,7 +453,161 @@ def test_cli_reads_a_single_file_checkpoint_with_a_tokenizer_folder(cli, tiny_sd
     out = tmp_path / "single"
     argv = ["generate", "--model", str(single), "--steps", "2", "--out", str(out)]
     with pytest.raises(SystemExit, match="tokenizer"):
-        sampler.main(argv + ["--config", str(folder)])
-    assert sampler.main(argv + ["--config", str(folder), "--tokenizer", str(folder / "tokenizer")]) == 0
+        sampler_cli.main(argv + ["--config", str(folder)])
+    assert sampler_cli.main(argv + ["--config", str(folder), "--tokenizer", str(folder / "tokenizer")]) == 0
     from_folder = np.asarray(Image.open(run("generate") / "sample.png"))
     assert np.array_equal(np.asarray(Image.open(out / "sample.png")), from_folder)
+
+
+# ------------------------------------------------------------------------- demo options (issue 13)
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+
+
+def test_every_option_shows_its_default_in_help():
+    parser = sampler_cli.build_parser()
+    for name, sub in parser._subparsers._group_actions[0].choices.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help" and not action.required:
+                assert "default" in action.help or "paper:" in action.help, (name, action.option_strings)
+
+
+def test_negative_prompt_eta_and_precision_change_the_image_and_fp16_is_refused_on_cpu(cli, capsys):
+    run, _ = cli
+    plain = pixels(run("generate", name="plain-neg") / "sample.png")
+    negative = pixels(run("generate", "--negative-prompt", "a blue square", name="neg") / "sample.png")
+    assert np.abs(plain - negative).mean() > 1.0  # in uint8 levels: the uncond branch of Eq. 5 changed
+    eta = pixels(run("generate", "--eta", "1", name="eta") / "sample.png")
+    assert np.abs(plain - eta).mean() > 0.1  # fresh noise per step (small here: 2 steps, a tiny random VAE)
+    bf16 = pixels(run("generate", "--dtype", "bf16", name="bf16") / "sample.png")
+    assert 0 < np.abs(plain - bf16).mean() < 10  # the same image, at lower precision
+    with pytest.raises(SystemExit, match="fp16 needs a GPU"):
+        run("generate", "--dtype", "fp16", "--device", "cpu", name="fp16")
+
+
+def test_generate_num_images_are_the_seeds_in_order_and_any_valid_size(cli):
+    run, _ = cli
+    out = run("generate", "--num-images", "3", "--batch-size", "2", "--seed", "5", name="many")
+    assert Image.open(out / "sample.png").size == (48, 16)
+    alone = pixels(run("generate", "--seed", "6", name="seed6") / "sample.png")
+    assert np.abs(pixels(out / "sample-6.png") - alone).max() <= 1  # batched vs alone: float summation order
+    assert Image.open(run("generate", "--width", "24", "--height", "12", name="wide") / "sample.png").size == (24, 12)
+    with pytest.raises(SystemExit, match=r"--width 18 must be a multiple of 4 for this model .*native size is 16"):
+        run("generate", "--width", "18", name="bad-width")
+
+
+def test_three_keyframe_walk_passes_through_each_keyframe_image_exactly_at_its_frame(cli):
+    run, _ = cli
+    seeds, prompts = ["3", "17", "42"], ["a red circle", "a blue square", "a photo of a dog"]
+    out = run("interpolate", "--seeds", *seeds, "--prompts", *prompts, "--frames", "4", "--save-frames",
+              "--fps", "5", name="walk")
+    frames = sorted((out / "frames").iterdir())
+    assert len(frames) == 7  # 2 segments x 3 new frames + the first keyframe
+    assert Image.open(out / "interpolation.png").size == (4 * 16, 2 * 16)  # one row per segment
+    gif = Image.open(out / "interpolation.gif")
+    assert gif.n_frames == 12 and gif.info["duration"] == 200  # forward then back, at --fps 5
+    for j, (seed, prompt) in enumerate(zip(seeds, prompts)):
+        keyframe = run("generate", "--seed", seed, "--prompt", prompt, name=f"key{j}") / "sample.png"
+        assert np.array_equal(pixels(frames[3 * j]), pixels(keyframe)), j
+    assert np.abs(pixels(frames[1]) - pixels(frames[0])).mean() > 0  # and it moves in between
+    with pytest.raises(SystemExit, match="one per keyframe"):
+        run("interpolate", "--seeds", *seeds, "--prompts", "a", "b", name="bad-walk")
+
+
+def test_prompt_b_changes_the_end_of_a_noise_interpolation_but_not_its_start(cli):
+    run, _ = cli
+    plain = pixels(run("interpolate", "--frames", "3", name="no-b") / "interpolation.png")
+    with_b = pixels(run("interpolate", "--frames", "3", "--prompt-b", "a blue square", name="b")
+                    / "interpolation.png")
+    assert np.array_equal(plain[:, :16], with_b[:, :16])
+    assert np.abs(plain[:, 32:] - with_b[:, 32:]).mean() > 1.0
+
+
+def test_mp4_video_through_ffmpeg(cli, monkeypatch):
+    run, _ = cli
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("no ffmpeg executable on PATH: --video mp4 cannot be written here")
+    out = run("interpolate", "--frames", "3", "--video", "mp4", name="mp4")
+    decoded = subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(out / "interpolation.mp4"), "-f", "rawvideo",
+                              "-pix_fmt", "rgb24", "-"], capture_output=True, check=True).stdout
+    assert len(decoded) == 4 * 16 * 16 * 3  # 3 frames forward and the middle one back, 16 x 16
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit, match="needs the ffmpeg executable on PATH"):
+        run("interpolate", "--video", "mp4", name="no-ffmpeg")
+
+
+def make_hub_cache(folder, cache, repo_id="some-org/tiny-sd"):
+    """A Hugging Face hub cache holding `repo_id` with the files of the diffusers folder `folder`."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    for file in folder.rglob("*"):
+        if file.is_file():
+            (snapshot / file.relative_to(folder)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(file, snapshot / file.relative_to(folder))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_hub_repo_id_loads_from_the_local_cache_offline(cli, tiny_sd, tmp_path):
+    run, _ = cli
+    make_hub_cache(tiny_sd[0], tmp_path / "hub")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "sampler.py"), "generate", "--steps", "2", "--out", str(tmp_path / "out")]
+    done = subprocess.run(command + ["--model", "some-org/tiny-sd"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert np.array_equal(pixels(tmp_path / "out" / "sample.png"), pixels(run("generate", name="local") / "sample.png"))
+    done = subprocess.run(command + ["--model", "other-org/not-cached"], env=env, capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("sampler.py: error: model not found: other-org/not-cached is no local path")
+
+
+def test_hub_download_asks_only_for_the_files_load_models_reads(tmp_path, monkeypatch):
+    """Configs, tokenizer and safetensors weights; a part's pickle only when it has no safetensors."""
+    import huggingface_hub
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        calls.append(set(allow_patterns))
+        (tmp_path / "unet").mkdir(exist_ok=True)
+        (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+        (tmp_path / "model_index.json").write_text("{}")
+        return str(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert checkpoint.resolve_model("some-org/old-sd") == tmp_path
+    assert not any(p.endswith((".bin", ".ckpt", ".pt", ".pth")) or "*." not in p and p.endswith("*")
+                   for p in calls[0])  # no pickles, no whole folders
+    assert calls[1] - calls[0] == {"vae/diffusion_pytorch_model.bin", "text_encoder/pytorch_model.bin"}
+    assert checkpoint.resolve_model(str(tmp_path)) == tmp_path and len(calls) == 2  # a local path as it is
+    assert checkpoint.resolve_model("no/such.safetensors") == Path("no/such.safetensors") and len(calls) == 2
+
+
+# ----------------------------------------------------------------------- bad input (issue 14)
+
+def test_bad_inputs_end_in_one_error_line_without_a_traceback(cli, tiny_sd, tmp_path):
+    run, _ = cli
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    random_bytes = np.random.default_rng(0).bytes(4096)
+    for suffix in (".safetensors", ".bin"):
+        (tmp_path / f"random{suffix}").write_bytes(random_bytes)
+    cases = [(("invert", "--image", str(tmp_path / "corrupt.png")), "--image: cannot read the image"),
+             (("generate", "--lora", str(tmp_path / "random.safetensors")), "--lora .*cannot load it"),
+             (("generate", "--lora", str(tmp_path / "random.bin")), "--lora .*cannot load it"),
+             (("generate", "--steps", "1001"), "--steps 1001: this model's scheduler has 1000 timesteps"),
+             (("istd", "--prompts-file", str(tmp_path / "none.txt")), "--prompts-file not found"),
+             (("generate", "--height", "17"), "--height 17 must be a multiple of 4"),
+             (("istd", "--prompts-file", str(tmp_path / "random.bin")), "--prompts-file .* is not UTF-8 text"),
+             (("generate", "--device", "gpu"), "--device gpu is not a torch device"),
+             (("generate", "--out", str(tmp_path / "corrupt.png")), "--out .*cannot create the output folder")]
+    if not torch.cuda.is_available():
+        cases.append((("generate", "--device", "cuda"), "--device cuda: no CUDA GPU is available here"))
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match=f"^sampler.py: error: {message}") as exit_:
+            run(*argv, name="bad")
+        assert exit_.value.code not in (0, None)
+    done = subprocess.run([sys.executable, str(ROOT / "sampler.py"), *cases[0][0], "--model", str(tiny_sd[0])],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("sampler.py: error: --image")

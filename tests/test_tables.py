@@ -63,7 +63,7 @@ def test_strip_k_uses_prompt_k_mod_prompts_and_the_noise_pair_of_seed_plus_k(tin
     strips = tables.sample_strips(tiny, prompts, p)
     assert strips.shape == (3, 11, 3, 16, 16)
     noise_a, noise_b = sampler.noise_pair(2, tables.latent_shape(tiny))
-    strip2 = sampler.interpolate(tiny.unet, tiny.vae, noise_a, noise_b, tiny.encode_prompt(prompts[:1]),
+    strip2 = sampler.interpolate(tiny.unet, tiny.vae, noise_a, noise_b, cond_a=tiny.encode_prompt(prompts[:1]),
                                  uncond_a=tiny.encode_prompt([""]), steps=3, progress=False)
     torch.testing.assert_close(strips[2], strip2, rtol=1e-4, atol=1e-5)  # batched vs one frame at a time
     assert not torch.allclose(strips[0], strips[2], atol=1e-3)  # same prompt, another noise pair

@@ -1,5 +1,6 @@
 """The toy world: the data generator, the committed tiny SD, the quality proxies, `python train.py`."""
 import functools
+import json
 import signal
 
 import numpy as np
@@ -121,25 +122,72 @@ def test_frechet_distance_matches_the_closed_form():
     assert toy_metrics.frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
 
 
-def test_train_py_without_arguments_trains_the_toy_smooth_lora_and_reports(tmp_path, monkeypatch):
+def test_train_py_without_arguments_trains_control_and_smooth_lora_and_reports_the_pair(tmp_path, monkeypatch):
     import train
 
     folder = toy.prepare_data(tmp_path / "data", n=8)
-    calls = []
-    quick_report = functools.partial(toy.report, prompts=1, steps=2)
-    monkeypatch.setattr(toy, "report", lambda *args: calls.append(quick_report(*args)))
+    quick = toy.ReportProtocol(strips=3, steps=2, real=16, figure_strips=2)
+    monkeypatch.setattr(toy, "report", functools.partial(toy.report, protocol=quick))
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    args = ["--max-steps", "2", "--batch-size", "2", "--data", str(folder), "--out", str(tmp_path / "run")]
     try:  # the no-argument path, shortened: fewer steps and a local data/out folder
-        code = train.main(["--max-steps", "2", "--batch-size", "2", "--data", str(folder),
-                           "--out", str(tmp_path / "run")])
+        assert train.main(args) == 0
+        control_lora = tmp_path / "run" / "control" / "smooth_lora.safetensors"
+        first_bytes = control_lora.read_bytes()
+        mtime = control_lora.stat().st_mtime_ns
+        assert train.main(args) == 0  # the same seeded command again: the control is reused, not retrained
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
-    assert code == 0
-    assert (tmp_path / "run" / "smooth_lora.safetensors").is_file()
-    assert (tmp_path / "run" / "interpolation_before_after.png").is_file()
-    result = calls[0]
-    assert np.isfinite(result["base"]["istd"]) and np.isfinite(result["lora"]["istd"])
+    assert control_lora.stat().st_mtime_ns == mtime and control_lora.read_bytes() == first_bytes
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert list(report["models"]) == ["control", "smooth"] and report["reference"] == "control"
+    smooth, control = report["models"]["smooth"], report["models"]["control"]
+    assert len(smooth["per_strip_istd"]) == 3 and np.isfinite(smooth["istd"]) and np.isfinite(smooth["fid_proxy"])
+    d = np.array(smooth["per_strip_istd"]) - np.array(control["per_strip_istd"])
+    assert smooth["istd_vs_control"]["mean"] == pytest.approx(d.mean())
+    assert smooth["istd_vs_control"]["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(3))
+    from PIL import Image
+    figure = Image.open(tmp_path / "run" / "interpolation_before_after.png")  # 2 strips x 2 models, 4x frames
+    assert figure.size[1] == 2 * 2 * 4 * toy.RESOLUTION and figure.size[0] > 11 * 4 * toy.RESOLUTION
+    # The control is the same run with lambda 0: its config differs from the smooth run's only there.
+    c = torch.load(tmp_path / "run" / "control" / "state.pt", weights_only=True)["config"]
+    s = torch.load(tmp_path / "run" / "state.pt", weights_only=True)["config"]
+    assert {k for k in c if c[k] != s[k]} == {"lambda_reg", "out"} and c["lambda_reg"] == 0.0
+
+
+def test_paired_statistics_of_synthetic_strips_have_the_known_answer():
+    """Strips whose frames move by known steps: ISTD is the std of those steps, and the paired
+    difference of two models is the mean and standard error of the per-strip ISTD differences."""
+    def strip(steps):  # frames 0, s1, s1 + s2, ... along one pixel axis: adjacent distances = steps
+        positions = np.concatenate([[0.0], np.cumsum(steps)])
+        frames = torch.zeros(len(positions), 1, 2, 2, dtype=torch.float64)
+        frames[:, 0, 0, 0] = torch.tensor(positions)
+        return frames
+
+    uniform = [strip([0.1] * 10), strip([0.2] * 10), strip([0.05] * 10)]  # ISTD 0: perfectly smooth
+    jumpy = [strip([0.0] * 9 + [1.0]), strip([0.1] * 8 + [0.5, 0.5]), strip([0.3, 0.0] * 5)]
+    want_jumpy = [np.std([0.0] * 9 + [1.0]), np.std([0.1] * 8 + [0.5, 0.5]), 0.15]
+    images = torch.zeros(1, 3, toy.RESOLUTION, toy.RESOLUTION)  # scores need real features; values irrelevant
+    real = toy_metrics.features(images.repeat(4, 1, 1, 1) + torch.rand(4, 1, 1, 1), toy.load_classifier())
+
+    def scores(strips):  # ISTD only depends on distances, so pad the tiny frames into full-size images
+        full = torch.zeros(len(strips), 11, 3, toy.RESOLUTION, toy.RESOLUTION, dtype=torch.float64)
+        for k, s in enumerate(strips):
+            full[k, :, 0, :2, :2] = s[:, 0]
+        return toy.score_strips(full.float(), toy.heldout_prompts(), real)
+
+    a, b = scores(jumpy), scores(uniform)
+    np.testing.assert_allclose(a["per_strip_istd"], want_jumpy, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b["per_strip_istd"], [0, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(b["per_strip_mean_adjacent_distance"], [0.1, 0.2, 0.05], rtol=1e-5)
+    d = toy_metrics.paired_difference(b["per_strip_istd"], a["per_strip_istd"])
+    diffs = -np.array(want_jumpy)
+    assert d["n"] == 3 and d["mean"] == pytest.approx(diffs.mean(), rel=1e-5)
+    assert d["se"] == pytest.approx(diffs.std(ddof=1) / np.sqrt(3), rel=1e-5)
+    assert d["relative"] == pytest.approx(-1.0, rel=1e-5)  # all of the jumpy model's ISTD is gone
+    with pytest.raises(ValueError, match="equal-length"):
+        toy_metrics.paired_difference([1.0, 2.0], [1.0])
 
 
 def test_pretrain_is_seeded_byte_for_byte_and_writes_a_loadable_model(tmp_path, monkeypatch):

@@ -1,4 +1,11 @@
-"""LPIPS (Zhang et al. 2018), the perceptual distance beside MSE/PSNR/SSIM in the paper's Table 2.
+"""The metrics of Smooth Diffusion's evaluation: ISTD (Sec. 4.1) and Table 2's MSE / PSNR / SSIM / LPIPS.
+
+All take images in [0, 1] as float tensors, [C, H, W] or [N, C, H, W].
+  * `istd(frames)`: the standard deviation of the L2 distances between adjacent frames of one
+    interpolation strip (`adjacent_distances`). The strips themselves, sampled with the paper's
+    protocol, come from `sampler.interpolation_strips` / `sampler.evaluate_istd`.
+  * `mse`, `psnr`, `ssim`: the reconstruction metrics, equal to scikit-image's (tests/test_metrics.py).
+  * `LPIPS`, `load_lpips`, `lpips`: LPIPS (Zhang et al. 2018), below.
 
 LPIPS compares two images through an ImageNet network: at five depths it normalises each pixel's
 feature vector to unit length, squares the difference of the two images' vectors, weighs the
@@ -14,15 +21,87 @@ A single file holding a whole `lpips.LPIPS(...).state_dict()` (`net.sliceK.N.*` 
 Pickled files are read with `torch.load(weights_only=True)` (`checkpoint.read_state_dict`).
 
 Proven equal to the `lpips` package on the same weights (the real lin files it ships, random
-backbones): `python -m pytest -q tests/test_perceptual.py`.
+backbones): `python -m pytest -q tests/test_metrics.py`.
 """
 import re
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import checkpoint
+
+
+# ---------------------------------------------------------------------------------- ISTD (Sec. 4.1)
+
+def adjacent_distances(frames):
+    """L2 distances between consecutive frames, [N - 1], frames [N, C, H, W]."""
+    return (frames[1:] - frames[:-1]).flatten(1).double().norm(dim=1)
+
+
+def istd(frames):
+    """ISTD (Sec. 4.1): the standard deviation of the L2 distances between adjacent frames.
+
+    frames: [N, C, H, W] in [0, 1] (float, not uint8). The paper leaves the pixel range and the kind of
+    standard deviation open. [0, 1] pixels give distances of the size the paper reports (tens at
+    512 x 512: ||d|| = 887 x the per-pixel RMS difference), whereas 0-255 would be ~255x larger.
+    We use the population standard deviation (ddof = 0, numpy's default): the N - 1 distances are
+    the whole set being described, not a sample; the sample std (ddof = 1) is sqrt(10/9) = 1.054x
+    larger for 11 frames.
+    """
+    return adjacent_distances(frames).std(correction=0).item()
+
+
+# ------------------------------------------------------------------- reconstruction (Table 2)
+
+def _per_image(values, like):
+    """Reduce [N, ...] per-pixel values to [N] per-image means ([] for a single [C, H, W] image)."""
+    return values.flatten(1).mean(1) if like.ndim == 4 else values.mean()
+
+
+def mse(x, y):
+    """Mean squared error of images in [0, 1]: [C, H, W] -> scalar tensor, [N, C, H, W] -> [N]."""
+    return _per_image((x.double() - y.double()) ** 2, x)
+
+
+def psnr(x, y, *, data_range=1.0):
+    """Peak signal-to-noise ratio in dB, 10 log10(data_range^2 / MSE), per image."""
+    return 10 * torch.log10(data_range ** 2 / mse(x, y))
+
+
+def _gaussian_window(size, sigma):
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+def ssim(x, y, *, data_range=1.0, window=11, sigma=1.5):
+    """Structural similarity (Wang et al. 2004): Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03.
+
+    Images in [0, 1], [C, H, W] or [N, C, H, W]; the SSIM map is averaged over the valid positions
+    (no padding) and over channels. Returns a scalar tensor or [N].
+    """
+    single = x.ndim == 3
+    x, y = (v.double()[None] if single else v.double() for v in (x, y))
+    channels = x.shape[1]
+    g = _gaussian_window(window, sigma)
+    kernel = (g[:, None] * g[None, :]).expand(channels, 1, window, window).to(x.device)
+
+    def blur(v):  # local weighted mean, one channel at a time
+        return F.conv2d(v, kernel, groups=channels)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x ** 2
+    var_y = blur(y * y) - mu_y ** 2
+    cov = blur(x * y) - mu_x * mu_y
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    values = ssim_map.flatten(1).mean(1)
+    return values[0] if single else values
+
+
+# ------------------------------------------------------------------------------------------- LPIPS
 
 # torchvision's `features` Sequential, layer by layer: (in, out, kernel, stride, padding) for a conv,
 # "M" for its max-pool (AlexNet's pools are 3x3 stride 2, VGG's 2x2 stride 2); a ReLU follows each
@@ -91,7 +170,7 @@ def _our_name(key):
     return None  # classifier.*, scaling_layer.*: not part of the distance
 
 
-def load_lpips(paths, net=None, device="cpu"):
+def load_lpips(paths, *, net=None, device="cpu"):
     """LPIPS from the user's weight files (one or more paths, any order); `net` is read from them if None."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     state = {}
