@@ -479,8 +479,11 @@ def evaluate(model=MODEL_DIR, out="runs/toy_eval", per_prompt=4, steps=50, guida
 # ------------------------------------------------------------------------------ hooks for train.py
 
 # `python train.py` with no arguments: a Smooth-LoRA (lambda 1, rank 8) on the tiny model, in minutes.
+# The two forms of the regularizer that the main job and tables.py compare, as train.py flags.
+PAPER_FORM = dict(lambda_reg=1.0, reg_normalize="none", reg_timestep_buckets=1)  # Eq. 9 exactly, lambda 1
+OUR_FORM = dict(lambda_reg=30.0, reg_normalize="none", reg_timestep_buckets=10)  # one running mean per tenth of t
 TRAIN_DEFAULTS = dict(resolution=RESOLUTION, batch_size=16, grad_accum=1, max_steps=300, lr=1e-3,
-                      save_every=100, lambda_reg=1.0, rank=8, num_workers=0, threads=1)
+                      save_every=100, rank=8, num_workers=0, threads=1, **OUR_FORM)
 
 
 def labelled_grid(rows, scale=2, label_width=150):
