@@ -9,7 +9,7 @@ Measured, each in a fresh subprocess (so one case's memory does not leak into th
   (a seeded diffusers model's state_dict loaded into ours; the names are identical);
 - training steps with LoRA (SD-1.5 config) or all weights (a small config), in the `STEP_MODES`:
   plain eps-MSE; the paper's regularized step (`vjp`: Eq. 9/10, double backward through
-  `attention.DoubleBackwardAttention`); the same with the old plain-ops attention (`vjp-math`) or
+  `ops.DoubleBackwardAttention`); the same with the old plain-ops attention (`vjp-math`) or
   with the UNet's gradient checkpointing (`vjp-ckpt`); the finite-difference form (`fd`); and the
   train.py options `--reg-every 4` (`reg-every4`: 3 plain steps and 1 vjp step with its penalty x 4,
   time per step = time of the 4 / 4) and `--reg-batch-frac 0.5` (`reg-frac0.5`: the vjp penalty on
@@ -37,8 +37,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-import attention
 import lora
+import ops
 import regularizer
 from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
@@ -153,7 +153,7 @@ class MathAttention:
 
     @staticmethod
     def apply(q, k, v, chunk):
-        return attention.math_attention(q, k, v)
+        return ops.math_attention(q, k, v)
 
 
 # Step modes: the train.py options each one stands for. A "repeat" of a mode is `every` optimizer
@@ -162,7 +162,7 @@ class MathAttention:
 STEP_MODES = {
     "plain": dict(reg=None),  # --lambda-reg 0
     "vjp": dict(reg="vjp"),  # the paper: --reg-mode vjp, every step, the whole batch
-    "vjp-math": dict(reg="vjp", math=True),  # same, attention by plain ops (before attention.py's path)
+    "vjp-math": dict(reg="vjp", math=True),  # same, attention by plain ops (before ops.py's path)
     "vjp-ckpt": dict(reg="vjp", ckpt=True),  # + --gradient-checkpointing
     "fd": dict(reg="fd"),  # --reg-mode fd
     "reg-every4": dict(reg="vjp", every=4),  # --reg-every 4
@@ -188,7 +188,7 @@ def step_fn(case, unet, cfg, device, dtype):
     opt = torch.optim.AdamW(params, lr=1e-5)
     reg = regularizer.StepwiseVariationRegularizer().to(device)
     if mode["math"]:
-        attention.DoubleBackwardAttention = MathAttention
+        ops.DoubleBackwardAttention = MathAttention
     g = torch.Generator().manual_seed(1)
     b, side = case["batch"], case["side"]
     shape = (b, cfg.in_channels, side, side)
@@ -201,7 +201,7 @@ def step_fn(case, unet, cfg, device, dtype):
     autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
 
     def forward(x, sl, double_backward=False):
-        with attention.double_backward(double_backward), autocast:
+        with ops.double_backward(double_backward), autocast:
             return unet(x, t[sl], text[sl]).float()
 
     def loss_of(regularize):  # train.py's micro_step, line for line
@@ -218,7 +218,7 @@ def step_fn(case, unet, cfg, device, dtype):
             h = FD_H * math.sqrt(noise[0].numel())
             v = direction[:n] / direction[:n].flatten(1).norm(dim=1).view(-1, 1, 1, 1)  # unit length
             x_shift = abar[:n].sqrt() * latents[:n] + (1 - abar[:n]).sqrt() * (noise[:n] + h * v)  # Eq. 2
-            with attention.double_backward(False), autocast:
+            with ops.double_backward(False), autocast:
                 eps_all = unet(torch.cat([x_t, x_shift]), torch.cat([t, t[:n]]),
                                torch.cat([text, text[:n]])).float()
             eps = eps_all[:b]

@@ -1,4 +1,4 @@
-"""attention.py: the double-backward path has the math path's first and second derivatives.
+"""ops.py: the double-backward path has the math path's first and second derivatives.
 
 Tiny float64 shapes; gradcheck / gradgradcheck compare against finite differences, the other tests
 against `math_attention` differentiated by autograd (the oracle).
@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
-import attention
-from attention import AttentionBackward, DoubleBackwardAttention, math_attention
+import ops
+from ops import AttentionBackward, DoubleBackwardAttention, math_attention
 
 
 def qkv(b=1, heads=2, lq=5, lk=5, d=3, dv=None, seed=0):
@@ -67,20 +67,20 @@ def test_chunked_equals_unchunked():
 
 
 def test_attention_switches_path_only_inside_double_backward_with_grad(monkeypatch):
-    monkeypatch.setattr(attention, "MATH_MAX_KEYS", 4)
+    monkeypatch.setattr(ops, "MATH_MAX_KEYS", 4)
     q, k, v = qkv()
-    assert attention.attention(q, k, v).grad_fn.name() != "DoubleBackwardAttentionBackward"
-    with attention.double_backward():
-        assert attention.double_backward_enabled()
-        assert attention.attention(q, k, v).grad_fn.name() == "DoubleBackwardAttentionBackward"
+    assert ops.attention(q, k, v).grad_fn.name() != "DoubleBackwardAttentionBackward"
+    with ops.double_backward():
+        assert ops.double_backward_enabled()
+        assert ops.attention(q, k, v).grad_fn.name() == "DoubleBackwardAttentionBackward"
         with torch.no_grad():
-            torch.testing.assert_close(attention.attention(q, k, v), math_attention(q, k, v))
-    assert not attention.double_backward_enabled()
-    with attention.double_backward():  # few keys (text tokens): the math path, cheaper there
-        out = attention.attention(q, k[..., :4, :], v[..., :4, :])
+            torch.testing.assert_close(ops.attention(q, k, v), math_attention(q, k, v))
+    assert not ops.double_backward_enabled()
+    with ops.double_backward():  # few keys (text tokens): the math path, cheaper there
+        out = ops.attention(q, k[..., :4, :], v[..., :4, :])
         assert out.grad_fn.name() != "DoubleBackwardAttentionBackward"
     # The default path is plain SDPA, which has no double backward on CPU: the reason for the switch.
-    torch.testing.assert_close(attention.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    torch.testing.assert_close(ops.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
 
 
 class TwoLayers(torch.nn.Module):
@@ -104,7 +104,7 @@ class TwoLayers(torch.nn.Module):
 
 def test_double_backward_through_two_stacked_layers_matches_math_path(monkeypatch):
     """The regularizer's pattern: ||d(out . u)/d x|| in the loss, trained by parameter gradients."""
-    monkeypatch.setattr(attention, "MATH_MAX_KEYS", 0)  # both layers through DoubleBackwardAttention
+    monkeypatch.setattr(ops, "MATH_MAX_KEYS", 0)  # both layers through DoubleBackwardAttention
     torch.manual_seed(0)
     model = TwoLayers().double()
     x0 = torch.randn(2, 10, 8, dtype=torch.float64)
@@ -119,8 +119,8 @@ def test_double_backward_through_two_stacked_layers_matches_math_path(monkeypatc
         return torch.autograd.grad(loss, list(model.parameters()))
 
     def ours(q, k, v):
-        with attention.double_backward():
-            return attention.attention(q, k, v, chunk=3)
+        with ops.double_backward():
+            return ops.attention(q, k, v, chunk=3)
 
     for a, b in zip(param_grads(ours), param_grads(math_attention)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
@@ -150,7 +150,7 @@ def test_conv_gradcheck_and_gradgradcheck(c_in, c_out, kernel, stride, padding, 
     x = torch.randn(2, c_in, side, side, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(c_out, c_in, kernel, kernel, generator=g, dtype=torch.float64, requires_grad=trained_weight)
     b = torch.randn(c_out, generator=g, dtype=torch.float64, requires_grad=trained_weight)
-    f = lambda x, w, b: attention.DoubleBackwardConv2d.apply(x, w, b, (stride, stride), (padding, padding))
+    f = lambda x, w, b: ops.DoubleBackwardConv2d.apply(x, w, b, (stride, stride), (padding, padding))
     torch.testing.assert_close(f(x, w, b), F.conv2d(x, w, b, stride, padding))
     assert gradcheck(f, (x, w, b))
     assert gradgradcheck(f, (x, w, b))
@@ -165,9 +165,9 @@ def test_conv_double_backward_equals_pytorchs_on_the_regularizer_pattern():
     u = torch.randn(2, 4, 4, 4, generator=g)
 
     def penalty(double_backward):
-        with attention.double_backward(double_backward):
-            h = attention.conv2d(x, w1, None, (1, 1), (1, 1)).tanh()
-            y = attention.conv2d(h, w2, None, (2, 2), (1, 1))
+        with ops.double_backward(double_backward):
+            h = ops.conv2d(x, w1, None, (1, 1), (1, 1)).tanh()
+            y = ops.conv2d(h, w2, None, (2, 2), (1, 1))
         (grad_x,) = torch.autograd.grad((y * u).sum(), x, create_graph=True)
         return torch.autograd.grad(grad_x.norm(), w1)[0]
 
@@ -177,14 +177,14 @@ def test_conv_double_backward_equals_pytorchs_on_the_regularizer_pattern():
 def test_unet_conv_switches_path_only_inside_double_backward(monkeypatch):
     from unet import Conv2d
     conv, calls = Conv2d(2, 3, 3, padding=1), []
-    monkeypatch.setattr(attention.DoubleBackwardConv2d, "apply",
+    monkeypatch.setattr(ops.DoubleBackwardConv2d, "apply",
                         lambda *a: calls.append(1) or F.conv2d(*a[:3], a[3], a[4]))
     x = torch.randn(1, 2, 4, 4)
     conv(x)
-    with attention.double_backward(), torch.no_grad():
+    with ops.double_backward(), torch.no_grad():
         conv(x)
     assert calls == []
-    with attention.double_backward():
+    with ops.double_backward():
         out = conv(x)
     assert calls == [1]
     torch.testing.assert_close(out, F.conv2d(x, conv.weight, conv.bias, 1, 1))

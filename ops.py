@@ -1,4 +1,4 @@
-"""Scaled dot-product attention for the UNet and the VAE, with a fast path for double backward.
+"""Attention and convolution for the UNet and the VAE, with a cheap double backward.
 
 The regularizer (Eq. 9/10, `regularizer.py`) differentiates the gradient of the UNet's output, so
 every op in the forward pass needs a differentiable backward. PyTorch's fused SDPA kernels (flash,
@@ -21,7 +21,7 @@ the math path is faster.
 Convolutions get the same treatment (`conv2d`, `DoubleBackwardConv2d`): PyTorch can differentiate its
 convolution backward, but does needless work there; ours writes the backward with ordinary ops.
 
-`python -m pytest -q tests/test_attention.py` checks both derivatives against the math path
+`python -m pytest -q tests/test_ops.py` checks both derivatives of both ops against autograd's
 (float64 gradcheck / gradgradcheck).
 """
 import contextlib
