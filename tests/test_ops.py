@@ -188,3 +188,71 @@ def test_unet_conv_switches_path_only_inside_double_backward(monkeypatch):
         out = conv(x)
     assert calls == [1]
     torch.testing.assert_close(out, F.conv2d(x, conv.weight, conv.bias, 1, 1))
+
+
+# ------------------------------------------------------------------------------- under autocast (bf16)
+# bf16 keeps 8 significant bits: one rounding is off by at most u = 2^-8 (half of finfo.eps = 2^-7).
+# The second derivatives pass through about four bf16 roundings (inputs, P, dS, the first
+# gradient), so we allow 4u in norm-relative error against float64, for ours AND for the math path
+# (the oracle meets the same bound: it is bf16's, not slack for ours).
+# Measured: ours <= 2.6u, math path <= 3.1u.
+BF16_U = torch.finfo(torch.bfloat16).eps / 2
+
+
+def relative_error(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def attention_derivatives(fn, q, k, v, autocast):
+    """[out, first derivatives, second derivatives] of `first_and_second`'s pattern, w and u drawn in
+    float64 whatever the dtype (so every run sees the same directions), the ops under bf16 autocast."""
+    g = torch.Generator().manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), ops.double_backward():
+        out = fn(q, k, v)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64).to(q.dtype)
+    grads = torch.autograd.grad((out.to(q.dtype) * w).sum(), (q, k, v), create_graph=True)
+    u = [torch.randn(x.shape, generator=g, dtype=torch.float64).to(q.dtype) for x in grads]
+    second = torch.autograd.grad(sum(((x * ui).sum()) ** 2 for x, ui in zip(grads, u)), (q, k, v))
+    return [out, *grads, *second]
+
+
+@pytest.mark.parametrize("length, d", [(160, 16), (300, 40)])  # > MATH_MAX_KEYS: the fused path
+def test_attention_under_bf16_autocast_matches_the_math_path_within_bf16_rounding(length, d):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, length, d, generator=g, dtype=torch.float64) for _ in range(3))
+    exact = attention_derivatives(math_attention, *(x.clone().requires_grad_() for x in (q, k, v)), False)
+    ours = attention_derivatives(ops.attention, *(x.float().requires_grad_() for x in (q, k, v)), True)
+    math_path = attention_derivatives(math_attention, *(x.float().requires_grad_() for x in (q, k, v)), True)
+    assert ours[0].dtype == torch.bfloat16  # computed in autocast's dtype, as SDPA would be
+    for a, m, e in zip(ours, math_path, exact):
+        assert torch.isfinite(a).all()
+        assert relative_error(a, e) < 4 * BF16_U
+        assert relative_error(m, e) < 4 * BF16_U
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])  # trained fp32 / frozen bf16
+def test_conv_under_bf16_autocast_double_backward_equals_pytorchs(weight_dtype):
+    """The regularizer's pattern with fp32 inputs and mixed weights under autocast (the training setup).
+    Without the casts in `_under_autocast` the backward fails on mixed dtypes."""
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(2, 8, 12, 12, generator=g, dtype=torch.float64)
+    w1_0 = torch.randn(16, 8, 3, 3, generator=g, dtype=torch.float64) / 8  # trained, upstream
+    w2_0 = torch.randn(16, 16, 3, 3, generator=g, dtype=torch.float64) / 12
+    u = torch.randn(2, 16, 6, 6, generator=g, dtype=torch.float64)
+
+    def derivatives(double_backward, dtype, autocast):
+        x, w1 = x0.to(dtype).requires_grad_(), w1_0.to(dtype).requires_grad_()
+        w2 = w2_0.to(weight_dtype if autocast else dtype)
+        with ops.double_backward(double_backward), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            h = ops.conv2d(x, w1, None, (1, 1), (1, 1)).tanh()
+            y = ops.conv2d(h, w2, None, (2, 2), (1, 1))
+        (grad_x,) = torch.autograd.grad((y.to(dtype) * u.to(dtype)).sum(), x, create_graph=True)
+        return grad_x, torch.autograd.grad(grad_x.norm(), w1)[0]
+
+    exact = derivatives(False, torch.float64, autocast=False)
+    ours = derivatives(True, torch.float32, autocast=True)
+    pytorchs = derivatives(False, torch.float32, autocast=True)
+    for a, p, e in zip(ours, pytorchs, exact):
+        assert a.dtype == torch.float32  # gradients come back in the inputs' dtype
+        torch.testing.assert_close(a, p, rtol=1e-3, atol=1e-3 * p.abs().max().item())
+        assert relative_error(a, e) < 4 * BF16_U
