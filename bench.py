@@ -267,6 +267,87 @@ def measure(case, device):
                 base_mb=base, threads=torch.get_num_threads())
 
 
+# ----------------------------------------------------------------------------- the 512 px budget
+
+# The paper's setting: SD-1.5 + rank-8 LoRA at 64x64 latents (512 px images), one step per variant
+# (step mode, autocast dtype, gradient checkpointing). bf16 variants keep the frozen weights in bf16 as
+# train.py --mixed-precision bf16 does; the LoRA and AdamW's state stay fp32. Slowest last.
+BUDGET_VARIANTS = [(mode, dtype, ckpt) for dtype in ("float32", "bfloat16") for ckpt in (False, True)
+                   for mode in ("plain", "vjp")]
+
+
+def budget_cases(batches=(1,), variants=BUDGET_VARIANTS, cfg="sd15", side=64):
+    return [dict(name=f"budget {side}x{side} b{b} {dtype}{' ckpt' if ckpt else ''}", kind="budget", cfg=cfg,
+                 impl="ours", mode=mode, dtype=dtype, ckpt=ckpt, side=side, batch=b, lora=True, repeats=1)
+            for b in batches for mode, dtype, ckpt in variants]
+
+
+def random_unet(cfg_name, device, dtype):
+    """Our UNet ("sd15" or "small") with its default random init, made directly on `device` (no CPU
+    copy of the 860M weights first) and cast to `dtype`: the frozen weights of a training run."""
+    cfg = UNetConfig(**SMALL_UNET) if cfg_name == "small" else UNetConfig()
+    with torch.device("meta"):
+        unet = UNet(cfg)
+    unet.to_empty(device=device)
+    with torch.no_grad():
+        for module in unet.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    return unet.to(dtype), cfg
+
+
+def measure_budget(case, device):
+    """One budget case in this process: a warm-up step, then one timed step -> time, images/s and
+    memory (peak; "base" = weights + LoRA + AdamW state before the step; extra = peak - base)."""
+    torch.manual_seed(0)
+    dtype = getattr(torch, case["dtype"])
+    unet, cfg = random_unet(case["cfg"], device, dtype)
+    run = step_fn(case, unet, cfg, device, dtype)  # "plain" or "vjp": train.py's step + AdamW
+    unet.enable_gradient_checkpointing(case["ckpt"])  # after step_fn, which sets it from the mode
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    run()  # warm-up (and AdamW state allocation)
+    sync()
+    reset_peak(device)
+    base, _ = memory_now(device)
+    start = time.perf_counter()
+    run()
+    sync()
+    elapsed = time.perf_counter() - start
+    _, peak = memory_now(device)
+    return dict(case, time_s=elapsed, images_per_s=case["batch"] / elapsed, peak_mb=peak, base_mb=base,
+                extra_mb=peak - base, threads=torch.get_num_threads())
+
+
+def run_budget(cases, device, json_path=None):
+    """Each case in a fresh subprocess, printed (and saved) as it finishes; then the table."""
+    results = []
+    for case in cases:
+        r = run_case(case, device)
+        if r is None:
+            continue
+        results.append(r)
+        print(f"  {r['name']:30} {r['mode']:6} {r['time_s']:8.2f} s peak {r['peak_mb']:7.0f} MiB "
+              f"extra {r['extra_mb']:7.0f} MiB", flush=True)
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(dict(device=device, torch=torch.__version__, threads=torch.get_num_threads(),
+                               results=results), f, indent=1)
+    print_budget(results)
+    return results
+
+
+def print_budget(results):
+    """One row per case, with the regularized / plain ratios of time and extra memory."""
+    plain = {(r["batch"], r["dtype"], r["ckpt"]): r for r in results if r["mode"] == "plain"}
+    print(f"\n{'case':30} {'mode':6} {'time s':>8} {'img/s':>7} {'peak MiB':>9} {'base MiB':>9} "
+          f"{'extra MiB':>10} {'time x':>7} {'extra x':>8}")
+    for r in results:
+        ref = plain.get((r["batch"], r["dtype"], r["ckpt"]))
+        ratio = (lambda key: f"{r[key] / ref[key]:.2f}") if ref and r is not ref else (lambda key: "-")
+        print(f"{r['name']:30} {r['mode']:6} {r['time_s']:8.2f} {r['images_per_s']:7.3f} {r['peak_mb']:9.0f} "
+              f"{r['base_mb']:9.0f} {r['extra_mb']:10.0f} {ratio('time_s'):>7} {ratio('extra_mb'):>8}")
+
+
 # ----------------------------------------------------------------------------- driver
 
 def run_case(case, device):
@@ -315,6 +396,8 @@ def main(argv=None):
     p.add_argument("--only", help="run only cases whose name contains this text")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); 1 is steadier on a "
                    "shared machine, where idle-spinning OpenMP threads slow small ops many-fold")
+    p.add_argument("--budget", action="store_true", help="the 512 px memory budget: SD-1.5 + rank-8 LoRA, "
+                   "64x64 latents, batch 1, plain / regularized x fp32 / bf16 x checkpointing (CPU: ~20 min)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one case as JSON, in this process
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -322,7 +405,11 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.one:
-        print(json.dumps(measure(json.loads(args.one), args.device)))
+        case = json.loads(args.one)
+        print(json.dumps((measure_budget if case["kind"] == "budget" else measure)(case, args.device)))
+        return
+    if args.budget:
+        run_budget(budget_cases(), args.device, args.json)
         return
     try:
         import diffusers  # noqa: F401  (test/bench-only oracle)
