@@ -348,6 +348,101 @@ def print_budget(results):
               f"{r['base_mb']:9.0f} {r['extra_mb']:10.0f} {ratio('time_s'):>7} {ratio('extra_mb'):>8}")
 
 
+# ----------------------------------------------------------------------------- the GPU check
+
+GPU_CHECK_BUDGET = [("plain", "bfloat16", False), ("vjp", "bfloat16", False), ("vjp", "float16", False),
+                    ("vjp", "float32", False)]  # at batch 1 and 3 (the paper's batch per GPU)
+# fp32: both models run cuDNN's TF32 convolutions on the same inputs, so they differ only where the
+# order of operations does; a wrong layer gives an error of order 1.
+FP32_PARITY = 1e-3
+
+
+def parity_models(cfg_name, device):
+    """diffusers' UNet2DConditionModel with seeded random weights, and ours with the same weights."""
+    import diffusers
+    cfg = UNetConfig(**SMALL_UNET) if cfg_name == "small" else UNetConfig()
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DConditionModel(**dataclasses.asdict(cfg))
+    ours = UNet(cfg)
+    ours.load_state_dict(ref.state_dict())
+    return ref.to(device).eval(), ours.to(device).eval(), cfg
+
+
+def relative_error(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def unet_parity(device, cfg_name="sd15", side=64, batch=2, dtypes=("float32", "float16", "bfloat16")):
+    """Our UNet forward against diffusers' on `device`, per dtype: both against diffusers in fp32.
+
+    fp32 must agree within FP32_PARITY. In half precision both models round, so ours passes when
+    its error is at most twice diffusers' own in the same dtype (or 4 unit roundoffs of the dtype,
+    when diffusers happens to be very close): as accurate as the reference, not bit-equal to it.
+    """
+    ref, ours, cfg = parity_models(cfg_name, device)
+    weights = {k: v.clone() for k, v in ref.state_dict().items()}  # fp32, to cast from afresh
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, cfg.in_channels, side, side, generator=g).to(device)
+    text = torch.randn(batch, 77, cfg.cross_attention_dim, generator=g).to(device)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    rows = []
+    with torch.no_grad():
+        exact = ref(x, t, text).sample
+        for name in dtypes:
+            dtype = getattr(torch, name)
+            for model in (ref, ours):
+                model.to(dtype).load_state_dict(weights)  # one rounding of the fp32 weights
+            ours_out = ours(x.to(dtype), t, text.to(dtype))
+            ours_err = relative_error(ours_out, exact)
+            ref_err = relative_error(ref(x.to(dtype), t, text.to(dtype)).sample, exact)
+            tol = FP32_PARITY if dtype == torch.float32 else max(2 * ref_err, 2 * torch.finfo(dtype).eps)
+            rows.append(dict(dtype=name, ours_error=ours_err, diffusers_error=ref_err, tolerance=tol,
+                             ok=bool(torch.isfinite(ours_out).all()) and ours_err <= tol))
+    return rows
+
+
+def toy_run(precision, steps, out, extra=()):
+    """`train.py --mixed-precision P --max-steps N` on the toy world, in a subprocess -> its last log line
+    (loss, Eq. 9 penalty, ...) and ok = exit status 0 with a finite loss."""
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
+           "--mixed-precision", precision, "--max-steps", str(steps), "--save-every", str(steps),
+           "--out", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return dict(precision=precision, ok=False, error=proc.stderr[-2000:])
+    with open(os.path.join(out, "log.jsonl")) as f:
+        last = json.loads(f.read().splitlines()[-1])
+    return dict(precision=precision, ok=math.isfinite(last["loss"]), step=last["step"], loss=last["loss"],
+                loss_reg=last["loss_reg"], var_norm=last["var_norm"], time_s=last["time"])
+
+
+def gpu_check(device, json_path=None, toy_steps=20):
+    """`--gpu-check`: UNet parity with diffusers (fp32/fp16/bf16), the 512 px regularized step at batch 1
+    and 3 (peak memory, images/s), and 20-step toy runs in fp32, bf16 and fp16. Exits non-zero on a
+    failed parity or toy run."""
+    import tempfile
+    report = dict(device=torch.cuda.get_device_name() if device == "cuda" else device, torch=torch.__version__)
+    report["parity"] = unet_parity(device)
+    for r in report["parity"]:
+        print(f"  UNet forward {r['dtype']:8}: ours {r['ours_error']:.2e}, diffusers {r['diffusers_error']:.2e} "
+              f"(vs diffusers fp32; tolerance {r['tolerance']:.2e}) {'ok' if r['ok'] else 'FAILED'}", flush=True)
+    report["budget"] = run_budget(budget_cases(batches=(1, 3), variants=GPU_CHECK_BUDGET), device)
+    with tempfile.TemporaryDirectory() as tmp:
+        report["toy"] = [toy_run(p, toy_steps, os.path.join(tmp, p)) for p in ("no", "bf16", "fp16")]
+    for r in report["toy"]:
+        print(f"  toy {toy_steps} steps --mixed-precision {r['precision']:4}: "
+              + (f"loss {r['loss']:.4f}, reg {r['loss_reg']:.4g}, {r['time_s']:.1f} s" if "loss" in r
+                 else f"FAILED\n{r['error']}"), flush=True)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=1)
+    failed = [r["dtype"] for r in report["parity"] if not r["ok"]] + [r["precision"] for r in report["toy"]
+                                                                       if not r["ok"]]
+    if failed:
+        sys.exit(f"bench.py: the GPU check failed for {', '.join(failed)} (details above).")
+    return report
+
+
 # ----------------------------------------------------------------------------- driver
 
 def run_case(case, device):
@@ -398,10 +493,15 @@ def main(argv=None):
                    "shared machine, where idle-spinning OpenMP threads slow small ops many-fold")
     p.add_argument("--budget", action="store_true", help="the 512 px memory budget: SD-1.5 + rank-8 LoRA, "
                    "64x64 latents, batch 1, plain / regularized x fp32 / bf16 x checkpointing (CPU: ~20 min)")
+    p.add_argument("--gpu-check", action="store_true", help="with --device cuda: UNet parity with diffusers "
+                   "(fp32/fp16/bf16), the 512 px regularized step at batch 1 and 3, 20-step toy runs")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one case as JSON, in this process
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench.py: --device cuda but torch.cuda.is_available() is False; use --device cpu.")
+        sys.exit("bench.py: error: --device cuda but torch.cuda.is_available() is False: no CUDA GPU (or "
+                 "a CPU-only torch) here; run the GPU check on a machine with one, or use --device cpu.")
+    if args.gpu_check and args.device != "cuda":
+        p.error("--gpu-check runs on a GPU: add --device cuda (the CPU parts are in the test suite).")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.one:
@@ -410,6 +510,9 @@ def main(argv=None):
         return
     if args.budget:
         run_budget(budget_cases(), args.device, args.json)
+        return
+    if args.gpu_check:
+        gpu_check(args.device, args.json)
         return
     try:
         import diffusers  # noqa: F401  (test/bench-only oracle)

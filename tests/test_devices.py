@@ -23,14 +23,15 @@ def relative_error(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def regularized_step(unet, latents, noise0, direction, text, autocast, lam=1.0):
-    """Eq. 14 with the Eq. 9/10 penalty (the regularizer.py docstring's step), backward included
-    -> (loss, norms, LoRA gradients). `a` is fixed at 0.3 x the batch mean (no running mean here)."""
+def regularized_step(unet, latents, noise0, direction, text, autocast, lam=1.0, dtype=torch.bfloat16):
+    """Eq. 14 with the Eq. 9/10 penalty (the regularizer.py docstring's step), backward included, on
+    the inputs' device -> (loss, norms, LoRA gradients). `a` is fixed at 0.3 x the batch mean."""
     unet.zero_grad()
-    t, abar = torch.tensor([50, 800]), torch.tensor([0.95, 0.15]).view(-1, 1, 1, 1)
+    device = latents.device
+    t, abar = torch.tensor([50, 800], device=device), torch.tensor([0.95, 0.15], device=device).view(-1, 1, 1, 1)
     noise = noise0.clone().requires_grad_()  # the leaf of Eq. 10
     x_t = abar.sqrt() * latents + (1 - abar).sqrt() * noise  # Eq. 2
-    with ops.double_backward(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with ops.double_backward(), torch.autocast(device.type, dtype=dtype, enabled=autocast):
         eps_pred = unet(x_t, t, text).float()
     x0_pred = predict_x0(x_t, eps_pred, abar.flatten())
     norms = variation_norm(x0_pred, noise, (1 - abar).sqrt().flatten(), direction)  # Eq. 10
@@ -54,20 +55,28 @@ def test_regularized_step_under_cpu_bf16_autocast_matches_fp32(monkeypatch, froz
     for name, cls in (("attention", ops.DoubleBackwardAttention), ("conv", ops.DoubleBackwardConv2d)):
         monkeypatch.setattr(cls, "apply", lambda *a, _apply=cls.apply, _name=name:
                             calls.__setitem__(_name, calls[_name] + 1) or _apply(*a))
+    check_mixed_precision_step("cpu", frozen_dtype, torch.bfloat16)
+    assert calls["attention"] > 0 and calls["conv"] > 0
+
+
+def check_mixed_precision_step(device, frozen_dtype, autocast_dtype):
+    """The tiny UNet with a perturbed LoRA: the regularized step with frozen weights in `frozen_dtype`
+    under autocast against all-fp32, with the tolerances of the test above (also used on CUDA)."""
     torch.manual_seed(0)
     unet = perturb_(unet_from_config(TINY_UNET))
     inject_lora(unet, rank=2)
     freeze_all_but_lora(unet)
     perturb_(nn.ModuleList(layer.lora_up for layer in lora_layers(unet).values()), seed=1, scale=0.05)
+    unet.to(device)
     mixed = copy.deepcopy(unet)
     for name, p in mixed.named_parameters():
         if "lora" not in name:
             p.data = p.data.to(frozen_dtype)
     g = torch.Generator().manual_seed(2)
     inputs = [torch.randn(2, 4, 16, 16, generator=g) for _ in range(3)] + [torch.randn(2, 5, 32, generator=g)]
+    inputs = [x.to(device) for x in inputs]
 
-    loss, norms, grad = regularized_step(mixed, *inputs, autocast=True)
-    assert calls["attention"] > 0 and calls["conv"] > 0
+    loss, norms, grad = regularized_step(mixed, *inputs, autocast=True, dtype=autocast_dtype)
     assert {p.dtype for p in lora_parameters(mixed)} == {p.grad.dtype for p in lora_parameters(mixed)} \
         == {torch.float32}
     assert torch.isfinite(loss) and torch.isfinite(norms).all() and torch.isfinite(grad).all()

@@ -207,11 +207,11 @@ def attention_derivatives(fn, q, k, v, autocast):
     """[out, first derivatives, second derivatives] of `first_and_second`'s pattern, w and u drawn in
     float64 whatever the dtype (so every run sees the same directions), the ops under bf16 autocast."""
     g = torch.Generator().manual_seed(1)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), ops.double_backward():
+    with torch.autocast(q.device.type, dtype=torch.bfloat16, enabled=autocast), ops.double_backward():
         out = fn(q, k, v)
-    w = torch.randn(out.shape, generator=g, dtype=torch.float64).to(q.dtype)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64).to(q)
     grads = torch.autograd.grad((out.to(q.dtype) * w).sum(), (q, k, v), create_graph=True)
-    u = [torch.randn(x.shape, generator=g, dtype=torch.float64).to(q.dtype) for x in grads]
+    u = [torch.randn(x.shape, generator=g, dtype=torch.float64).to(q) for x in grads]
     second = torch.autograd.grad(sum(((x * ui).sum()) ** 2 for x, ui in zip(grads, u)), (q, k, v))
     return [out, *grads, *second]
 
