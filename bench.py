@@ -3,6 +3,8 @@
     python bench.py --quick                  # small configs, ~1 min on 2 CPU cores
     python bench.py --json bench.json        # SD-1.5 configs (minutes on CPU)
     python bench.py --device cuda            # adds bf16/fp16 and 512 px, batch 3
+    python bench.py --budget --threads 1     # the 512 px memory budget (SD-1.5 + LoRA; CPU: ~45 min)
+    python bench.py --device cuda --gpu-check   # the prepared GPU check (README, Speed)
 
 Measured, each in a fresh subprocess (so one case's memory does not leak into the next):
 - UNet forward and VAE decode, ours and diffusers' (when installed) with the SAME random weights

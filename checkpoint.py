@@ -10,6 +10,8 @@ the scheduler config, from either
     by the short rule-based converter below (index arithmetic from the UNet config, both directions).
     Single files carry no configs (SD-1.5's are the default; pass `config=`) and no tokenizer (pass
     `tokenizer=` a folder with vocab.json + merges.txt, e.g. SD-1.5's tokenizer/).
+`unet_from_config(d)` / `vae_from_config(d)` build our models from a diffusers config.json dict; the
+key policy below refuses keys that ask for a feature we do not implement.
 `save_models(models, folder)` writes the diffusers layout (readable by diffusers'
 `StableDiffusionPipeline.from_pretrained` and by `load_models`); `save_single_file` writes CompVis.
 
