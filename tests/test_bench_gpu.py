@@ -85,3 +85,30 @@ def test_toy_run_passes_train_py_a_valid_command_line(tmp_path):
         pytest.skip("fp16 runs on this machine")
     result = bench.toy_run("fp16", 20, os.fspath(tmp_path / "fp16"))
     assert not result["ok"] and "fp16" in result["error"] and "unrecognized arguments" not in result["error"]
+
+
+def test_gpu_check_reports_every_part_and_fails_on_a_failed_toy_run(tiny, monkeypatch, tmp_path, capsys):
+    """The orchestration of --gpu-check on CPU: real parity and budget pieces on tiny configs (the
+    budget in-process), train.py's toy runs stubbed (one fails), the JSON report and the exit status."""
+    pytest.importorskip("diffusers")
+    unet_parity = bench.unet_parity
+    monkeypatch.setattr(bench, "unet_parity", lambda device: unet_parity(
+        device, cfg_name="small", side=16, dtypes=("float32", "bfloat16")))
+    budget_cases = bench.budget_cases
+    monkeypatch.setattr(bench, "budget_cases", lambda batches, variants: budget_cases(
+        batches, variants[:2], cfg="small", side=16))  # plain and vjp in bf16
+    monkeypatch.setattr(bench, "run_case", bench.measure_budget)
+    monkeypatch.setattr(bench, "toy_run", lambda precision, steps, out: dict(
+        precision=precision, ok=precision != "fp16", step=steps, loss=0.1, loss_reg=0.01, var_norm=0.1,
+        time_s=1.0) if precision != "fp16" else dict(precision=precision, ok=False, error="fp16 failed"))
+    with pytest.raises(SystemExit) as e:
+        bench.gpu_check("cpu", os.fspath(tmp_path / "report.json"))
+    assert "failed for fp16" in str(e.value.code)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [r["dtype"] for r in report["parity"]] == ["float32", "bfloat16"]
+    assert all(r["ok"] for r in report["parity"])
+    assert [(r["batch"], r["mode"]) for r in report["budget"]] == [(1, "plain"), (1, "vjp"), (3, "plain"),
+                                                                   (3, "vjp")]
+    assert [r["precision"] for r in report["toy"]] == ["no", "bf16", "fp16"]
+    out = capsys.readouterr().out
+    assert "UNet forward bfloat16" in out and "img/s" in out and "FAILED" in out
