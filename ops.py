@@ -67,12 +67,12 @@ def double_backward_enabled() -> bool:
 def _under_autocast(fn, *tensors):
     """fn(*tensors) for an autograd Function's `apply`, the floating-point tensors in autocast's dtype.
 
-    Autocast casts the inputs of the ops it dispatches, but `apply` is not one of them: its forward
-    would see mixed dtypes (fp32 latents, bf16 frozen weights, fp32 LoRA weights) and its backward runs
-    where autocast may be off (CUDA's backward thread), where conv_transpose2d(bf16 gradient, fp32
-    weight) fails. So cast once, here, and run `apply` with autocast off: forward, backward and double
-    backward then see one dtype, on CPU and CUDA alike; autograd casts each gradient back to its
-    input's dtype (an fp32 LoRA weight gets an fp32 gradient).
+    Autocast casts the inputs of each op it dispatches, so a Function's forward computes in its dtype;
+    but the backward runs where autocast is off (loss.backward() after the autocast block, CUDA's
+    backward thread) on the saved tensors in their own dtypes (fp32 input, bf16 or fp32 weight), and
+    conv_transpose2d(bf16 gradient, fp32 weight) fails there. So cast once, here, and run `apply` with
+    autocast off: forward, backward and double backward then see one dtype, on CPU and CUDA alike;
+    autograd casts each gradient back to its input's dtype (an fp32 LoRA weight gets an fp32 gradient).
     """
     device = tensors[0].device.type
     if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):  # e.g. meta
