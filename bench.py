@@ -3,13 +3,15 @@
     python bench.py --quick                  # small configs, ~1 min on 2 CPU cores
     python bench.py --json bench.json        # SD-1.5 configs (minutes on CPU)
     python bench.py --device cuda            # adds bf16/fp16 and 512 px, batch 3
+    python bench.py --budget --threads 1     # the 512 px memory budget (SD-1.5 + LoRA; CPU: ~45 min)
+    python bench.py --device cuda --gpu-check   # the prepared GPU check (README, Speed)
 
 Measured, each in a fresh subprocess (so one case's memory does not leak into the next):
 - UNet forward and VAE decode, ours and diffusers' (when installed) with the SAME random weights
   (a seeded diffusers model's state_dict loaded into ours; the names are identical);
 - training steps with LoRA (SD-1.5 config) or all weights (a small config), in the `STEP_MODES`:
   plain eps-MSE; the paper's regularized step (`vjp`: Eq. 9/10, double backward through
-  `attention.DoubleBackwardAttention`); the same with the old plain-ops attention (`vjp-math`) or
+  `ops.DoubleBackwardAttention`); the same with the old plain-ops attention (`vjp-math`) or
   with the UNet's gradient checkpointing (`vjp-ckpt`); the finite-difference form (`fd`); and the
   train.py options `--reg-every 4` (`reg-every4`: 3 plain steps and 1 vjp step with its penalty x 4,
   time per step = time of the 4 / 4) and `--reg-batch-frac 0.5` (`reg-frac0.5`: the vjp penalty on
@@ -35,8 +37,8 @@ import time
 
 import torch
 
-import attention
 import lora
+import ops
 import regularizer
 import sampler
 import train
@@ -153,7 +155,7 @@ class MathAttention:
 
     @staticmethod
     def apply(q, k, v, chunk):
-        return attention.math_attention(q, k, v)
+        return ops.math_attention(q, k, v)
 
 
 # Step modes: the train.py options each one stands for. A "repeat" of a mode is `every` optimizer
@@ -162,7 +164,7 @@ class MathAttention:
 STEP_MODES = {
     "plain": dict(reg=None),  # --lambda-reg 0
     "vjp": dict(reg="vjp"),  # the paper: --reg-mode vjp, every step, the whole batch
-    "vjp-math": dict(reg="vjp", math=True),  # same, attention by plain ops (before attention.py's path)
+    "vjp-math": dict(reg="vjp", math=True),  # same, attention by plain ops (before ops.py's path)
     "vjp-ckpt": dict(reg="vjp", ckpt=True),  # + --gradient-checkpointing
     "fd": dict(reg="fd"),  # --reg-mode fd
     "reg-every4": dict(reg="vjp", every=4),  # --reg-every 4
@@ -189,7 +191,7 @@ def step_fn(case, unet, cfg, device, dtype):
     opt = torch.optim.AdamW(params, lr=1e-5)
     reg = regularizer.StepwiseVariationRegularizer().to(device)
     if mode["math"]:
-        attention.DoubleBackwardAttention = MathAttention
+        ops.DoubleBackwardAttention = MathAttention
     schedule = sampler.make_schedule()  # SD-1.5's
     g = torch.Generator().manual_seed(1)
     b, side = case["batch"], case["side"]
@@ -240,6 +242,182 @@ def measure(case, device):
                 base_mb=base, threads=torch.get_num_threads())
 
 
+# ----------------------------------------------------------------------------- the 512 px budget
+
+# The paper's setting: SD-1.5 + rank-8 LoRA at 64x64 latents (512 px images), one step per variant
+# (step mode, autocast dtype, gradient checkpointing). bf16 variants keep the frozen weights in bf16 as
+# train.py --mixed-precision bf16 does; the LoRA and AdamW's state stay fp32. Slowest last.
+BUDGET_VARIANTS = [(mode, dtype, ckpt) for dtype in ("float32", "bfloat16") for ckpt in (False, True)
+                   for mode in ("plain", "vjp")]
+
+
+def budget_cases(batches=(1,), variants=BUDGET_VARIANTS, cfg="sd15", side=64):
+    return [dict(name=f"budget {side}x{side} b{b} {dtype}{' ckpt' if ckpt else ''}", kind="budget", cfg=cfg,
+                 impl="ours", mode=mode, dtype=dtype, ckpt=ckpt, side=side, batch=b, lora=True, repeats=1)
+            for b in batches for mode, dtype, ckpt in variants]
+
+
+def random_unet(cfg_name, device, dtype):
+    """Our UNet ("sd15" or "small") with its default random init, made directly on `device` (no CPU
+    copy of the 860M weights first) and cast to `dtype`: the frozen weights of a training run."""
+    cfg = UNetConfig(**SMALL_UNET) if cfg_name == "small" else UNetConfig()
+    with torch.device("meta"):
+        unet = UNet(cfg)
+    unet.to_empty(device=device)
+    with torch.no_grad():
+        for module in unet.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    return unet.to(dtype), cfg
+
+
+def measure_budget(case, device):
+    """One budget case in this process: a warm-up step, then one timed step -> time, images/s and
+    memory (peak; "base" = weights + LoRA + AdamW state before the step; extra = peak - base)."""
+    torch.manual_seed(0)
+    dtype = getattr(torch, case["dtype"])
+    unet, cfg = random_unet(case["cfg"], device, dtype)
+    run = step_fn(case, unet, cfg, device, dtype)  # "plain" or "vjp": train.py's step + AdamW
+    unet.enable_gradient_checkpointing(case["ckpt"])  # after step_fn, which sets it from the mode
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    run()  # warm-up (and AdamW state allocation)
+    sync()
+    reset_peak(device)
+    base, _ = memory_now(device)
+    start = time.perf_counter()
+    run()
+    sync()
+    elapsed = time.perf_counter() - start
+    _, peak = memory_now(device)
+    return dict(case, time_s=elapsed, images_per_s=case["batch"] / elapsed, peak_mb=peak, base_mb=base,
+                extra_mb=peak - base, threads=torch.get_num_threads())
+
+
+def run_budget(cases, device, json_path=None):
+    """Each case in a fresh subprocess, printed (and saved) as it finishes; then the table."""
+    results = []
+    for case in cases:
+        r = run_case(case, device)
+        if r is None:
+            continue
+        results.append(r)
+        print(f"  {r['name']:30} {r['mode']:6} {r['time_s']:8.2f} s peak {r['peak_mb']:7.0f} MiB "
+              f"extra {r['extra_mb']:7.0f} MiB", flush=True)
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(dict(device=device, torch=torch.__version__, threads=torch.get_num_threads(),
+                               results=results), f, indent=1)
+    print_budget(results)
+    return results
+
+
+def print_budget(results):
+    """One row per case, with the regularized / plain ratios of time and extra memory."""
+    plain = {(r["batch"], r["dtype"], r["ckpt"]): r for r in results if r["mode"] == "plain"}
+    print(f"\n{'case':30} {'mode':6} {'time s':>8} {'img/s':>7} {'peak MiB':>9} {'base MiB':>9} "
+          f"{'extra MiB':>10} {'time x':>7} {'extra x':>8}")
+    for r in results:
+        ref = plain.get((r["batch"], r["dtype"], r["ckpt"]))
+        ratio = (lambda key: f"{r[key] / ref[key]:.2f}") if ref and r is not ref else (lambda key: "-")
+        print(f"{r['name']:30} {r['mode']:6} {r['time_s']:8.2f} {r['images_per_s']:7.3f} {r['peak_mb']:9.0f} "
+              f"{r['base_mb']:9.0f} {r['extra_mb']:10.0f} {ratio('time_s'):>7} {ratio('extra_mb'):>8}")
+
+
+# ----------------------------------------------------------------------------- the GPU check
+
+GPU_CHECK_BUDGET = [("plain", "bfloat16", False), ("vjp", "bfloat16", False), ("vjp", "float16", False),
+                    ("vjp", "float32", False)]  # at batch 1 and 3 (the paper's batch per GPU)
+# fp32: both models run cuDNN's TF32 convolutions on the same inputs, so they differ only where the
+# order of operations does; a wrong layer gives an error of order 1.
+FP32_PARITY = 1e-3
+
+
+def parity_models(cfg_name, device):
+    """diffusers' UNet2DConditionModel with seeded random weights, and ours with the same weights."""
+    import diffusers
+    cfg = UNetConfig(**SMALL_UNET) if cfg_name == "small" else UNetConfig()
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DConditionModel(**dataclasses.asdict(cfg))
+    ours = UNet(cfg)
+    ours.load_state_dict(ref.state_dict())
+    return ref.to(device).eval(), ours.to(device).eval(), cfg
+
+
+def relative_error(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def unet_parity(device, cfg_name="sd15", side=64, batch=2, dtypes=("float32", "float16", "bfloat16")):
+    """Our UNet forward against diffusers' on `device`, per dtype: both against diffusers in fp32.
+
+    fp32 must agree within FP32_PARITY. In half precision both models round, so ours passes when
+    its error is at most twice diffusers' own in the same dtype (or 4 unit roundoffs of the dtype,
+    when diffusers happens to be very close): as accurate as the reference, not bit-equal to it.
+    """
+    ref, ours, cfg = parity_models(cfg_name, device)
+    weights = {k: v.clone() for k, v in ref.state_dict().items()}  # fp32, to cast from afresh
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, cfg.in_channels, side, side, generator=g).to(device)
+    text = torch.randn(batch, 77, cfg.cross_attention_dim, generator=g).to(device)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    rows = []
+    with torch.no_grad():
+        exact = ref(x, t, text).sample
+        for name in dtypes:
+            dtype = getattr(torch, name)
+            for model in (ref, ours):
+                model.to(dtype).load_state_dict(weights)  # one rounding of the fp32 weights
+            ours_out = ours(x.to(dtype), t, text.to(dtype))
+            ours_err = relative_error(ours_out, exact)
+            ref_err = relative_error(ref(x.to(dtype), t, text.to(dtype)).sample, exact)
+            tol = FP32_PARITY if dtype == torch.float32 else max(2 * ref_err, 2 * torch.finfo(dtype).eps)
+            rows.append(dict(dtype=name, ours_error=ours_err, diffusers_error=ref_err, tolerance=tol,
+                             ok=bool(torch.isfinite(ours_out).all()) and ours_err <= tol))
+    return rows
+
+
+def toy_run(precision, steps, out, extra=()):
+    """`train.py --mixed-precision P --max-steps N` on the toy world, in a subprocess -> its last log line
+    (loss, Eq. 9 penalty, ...) and ok = exit status 0 with a finite loss."""
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
+           "--mixed-precision", precision, "--max-steps", str(steps), "--save-every", str(steps),
+           "--out", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return dict(precision=precision, ok=False, error=proc.stderr[-2000:])
+    with open(os.path.join(out, "log.jsonl")) as f:
+        last = json.loads(f.read().splitlines()[-1])
+    return dict(precision=precision, ok=math.isfinite(last["loss"]), step=last["step"], loss=last["loss"],
+                loss_reg=last["loss_reg"], var_norm=last["var_norm"], time_s=last["time"])
+
+
+def gpu_check(device, json_path=None, toy_steps=20):
+    """`--gpu-check`: UNet parity with diffusers (fp32/fp16/bf16), the 512 px regularized step at batch 1
+    and 3 (peak memory, images/s), and 20-step toy runs in fp32, bf16 and fp16. Exits non-zero on a
+    failed parity or toy run."""
+    import tempfile
+    report = dict(device=torch.cuda.get_device_name() if device == "cuda" else device, torch=torch.__version__)
+    report["parity"] = unet_parity(device)
+    for r in report["parity"]:
+        print(f"  UNet forward {r['dtype']:8}: ours {r['ours_error']:.2e}, diffusers {r['diffusers_error']:.2e} "
+              f"(vs diffusers fp32; tolerance {r['tolerance']:.2e}) {'ok' if r['ok'] else 'FAILED'}", flush=True)
+    report["budget"] = run_budget(budget_cases(batches=(1, 3), variants=GPU_CHECK_BUDGET), device)
+    with tempfile.TemporaryDirectory() as tmp:
+        report["toy"] = [toy_run(p, toy_steps, os.path.join(tmp, p)) for p in ("no", "bf16", "fp16")]
+    for r in report["toy"]:
+        print(f"  toy {toy_steps} steps --mixed-precision {r['precision']:4}: "
+              + (f"loss {r['loss']:.4f}, reg {r['loss_reg']:.4g}, {r['time_s']:.1f} s" if "loss" in r
+                 else f"FAILED\n{r['error']}"), flush=True)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=1)
+    failed = [r["dtype"] for r in report["parity"] if not r["ok"]] + [r["precision"] for r in report["toy"]
+                                                                       if not r["ok"]]
+    if failed:
+        sys.exit(f"bench.py: the GPU check failed for {', '.join(failed)} (details above).")
+    return report
+
+
 # ----------------------------------------------------------------------------- driver
 
 def run_case(case, device):
@@ -288,14 +466,28 @@ def main(argv=None):
     p.add_argument("--only", help="run only cases whose name contains this text")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); 1 is steadier on a "
                    "shared machine, where idle-spinning OpenMP threads slow small ops many-fold")
+    p.add_argument("--budget", action="store_true", help="the 512 px memory budget: SD-1.5 + rank-8 LoRA, "
+                   "64x64 latents, batch 1, plain / regularized x fp32 / bf16 x checkpointing (CPU: ~20 min)")
+    p.add_argument("--gpu-check", action="store_true", help="with --device cuda: UNet parity with diffusers "
+                   "(fp32/fp16/bf16), the 512 px regularized step at batch 1 and 3, 20-step toy runs")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one case as JSON, in this process
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench.py: --device cuda but torch.cuda.is_available() is False; use --device cpu.")
+        sys.exit("bench.py: error: --device cuda but torch.cuda.is_available() is False: no CUDA GPU (or "
+                 "a CPU-only torch) here; run the GPU check on a machine with one, or use --device cpu.")
+    if args.gpu_check and args.device != "cuda":
+        p.error("--gpu-check runs on a GPU: add --device cuda (the CPU parts are in the test suite).")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.one:
-        print(json.dumps(measure(json.loads(args.one), args.device)))
+        case = json.loads(args.one)
+        print(json.dumps((measure_budget if case["kind"] == "budget" else measure)(case, args.device)))
+        return
+    if args.budget:
+        run_budget(budget_cases(), args.device, args.json)
+        return
+    if args.gpu_check:
+        gpu_check(args.device, args.json)
         return
     try:
         import diffusers  # noqa: F401  (test/bench-only oracle)

@@ -10,6 +10,8 @@ the scheduler config, from either
     by the short rule-based converter below (index arithmetic from the UNet config, both directions).
     Single files carry no configs (SD-1.5's are the default; pass `config=`) and no tokenizer (pass
     `tokenizer=` a folder with vocab.json + merges.txt, e.g. SD-1.5's tokenizer/).
+`unet_from_config(d)` / `vae_from_config(d)` build our models from a diffusers config.json dict; the
+key policy below refuses keys that ask for a feature we do not implement.
 `save_models(models, folder)` writes the diffusers layout (readable by diffusers'
 `StableDiffusionPipeline.from_pretrained` and by `load_models`); `save_single_file` writes CompVis.
 
@@ -81,6 +83,82 @@ def read_state_dict(path) -> dict:
     if not tensors:
         raise ValueError(f"{path} holds no tensors: not a model checkpoint")
     return tensors
+
+
+# ------------------------------------------------------------------------------- diffusers configs
+# Our UNetConfig / VAEConfig hold what we implement. A diffusers config.json holds many more keys; the
+# policy below says which of them we accept and at which values, so that a config asking for a
+# feature we lack fails loudly instead of loading weights into the wrong architecture.
+
+# diffusers config keys whose feature we do not implement, with the values that mean "feature off".
+# A config may carry them at these values; any other value raises ValueError.
+UNET_OFF_VALUES = {
+    "center_input_sample": (False,), "only_cross_attention": (False,), "dropout": (0, 0.0),
+    "transformer_layers_per_block": (1,), "reverse_transformer_layers_per_block": (None,),
+    "encoder_hid_dim": (None,), "encoder_hid_dim_type": (None,), "num_attention_heads": (None,),
+    "dual_cross_attention": (False,), "use_linear_projection": (False,), "class_embed_type": (None,),
+    "addition_embed_type": (None,), "addition_time_embed_dim": (None,), "num_class_embeds": (None,),
+    "upcast_attention": (False, None), "resnet_time_scale_shift": ("default",),
+    "resnet_skip_time_act": (False,), "resnet_out_scale_factor": (1, 1.0),
+    "time_embedding_type": ("positional",), "time_embedding_dim": (None,),
+    "time_embedding_act_fn": (None,), "timestep_post_act": (None,), "time_cond_proj_dim": (None,),
+    "conv_in_kernel": (3,), "conv_out_kernel": (3,), "projection_class_embeddings_input_dim": (None,),
+    "attention_type": ("default",), "class_embeddings_concat": (False,),
+    "mid_block_only_cross_attention": (None, False), "cross_attention_norm": (None,),
+}
+# Keys that are harmless at any value: they only matter together with a feature that is off above.
+UNET_IGNORED = {"addition_embed_type_num_heads"}
+# Allowed values of keys we implement only partly.
+UNET_CHOICES = {
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "mid_block_type": ("UNetMidBlock2DCrossAttn",), "act_fn": ("silu", "swish"),
+}
+# The same for the VAE.
+VAE_OFF_VALUES = {"shift_factor": (None, 0, 0.0), "latents_mean": (None,), "latents_std": (None,),
+                  "use_quant_conv": (True,), "use_post_quant_conv": (True,), "mid_block_add_attention": (True,)}
+VAE_IGNORED = {"force_upcast"}  # a hint for fp16 pipelines; no effect on the computation
+VAE_CHOICES = {"down_block_types": ("DownEncoderBlock2D",), "up_block_types": ("UpDecoderBlock2D",),
+               "act_fn": ("silu", "swish")}
+
+
+def config_from_dict(cls, d, off_values, ignored=(), choices=None):
+    """Build dataclass `cls` from a diffusers config.json dict (hand-written or save_pretrained).
+
+    Keys starting with `_` (diffusers metadata) and `ignored` keys are skipped. Keys in `off_values`
+    must hold a "feature off" value. Unknown keys raise: a typo or a newer diffusers feature would
+    otherwise be silently dropped and the weights would load into the wrong architecture.
+    """
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in d.items():
+        if key.startswith("_") or key in ignored:
+            continue
+        if key in off_values:
+            if not any(value == ok and isinstance(value, bool) == isinstance(ok, bool) for ok in off_values[key]):
+                raise ValueError(f"config key {key!r} = {value!r} asks for a feature this implementation "
+                                 f"does not have; supported: {off_values[key]}")
+        elif key in fields:
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+        else:
+            raise ValueError(f"unknown config key {key!r} = {value!r}; remove it or implement it "
+                             f"(known keys: {sorted(fields | set(off_values) | set(ignored))})")
+    for key, allowed in (choices or {}).items():
+        value = kwargs.get(key, getattr(cls, key))
+        for v in value if isinstance(value, tuple) else (value,):
+            if v not in allowed:
+                raise ValueError(f"config key {key!r} has unsupported value {v!r}; supported: {allowed}")
+    return cls(**kwargs)
+
+
+def unet_from_config(d: dict) -> UNet:
+    """UNet from a diffusers unet/config.json dict (key policy: `config_from_dict`)."""
+    return UNet(config_from_dict(UNetConfig, d, UNET_OFF_VALUES, UNET_IGNORED, UNET_CHOICES))
+
+
+def vae_from_config(d: dict) -> VAE:
+    """VAE from a diffusers vae/config.json dict (key policy: `config_from_dict`)."""
+    return VAE(config_from_dict(VAEConfig, d, VAE_OFF_VALUES, VAE_IGNORED, VAE_CHOICES))
 
 
 # --------------------------------------------------------------- CompVis <-> diffusers key converter
@@ -317,7 +395,7 @@ def load_models(path, tokenizer=None, device="cpu", dtype=torch.float32, config=
             configs = _read_configs(None if config is None else Path(config))
         unet_sd, vae_sd, text_sd = compvis_to_diffusers(read_state_dict(path), configs["unet"], configs["vae"])
     with torch.device("meta"):  # shapes only: a random init of 860M weights would take half a minute
-        unet, vae = UNet.from_config(configs["unet"]), VAE.from_config(configs["vae"])
+        unet, vae = unet_from_config(configs["unet"]), vae_from_config(configs["vae"])
     unet = _load_weights(unet, unet_sd, "unet", path)
     vae = _load_weights(vae, vae_sd, "vae", path)
     text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]))

@@ -70,7 +70,8 @@ class LoRALayer:
         y = super().forward(x)  # the base nn.Linear / nn.Conv2d
         if self.merged:
             return y
-        update = self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype)))  # in the LoRA's fp32
+        # In the LoRA's fp32 (under autocast in its dtype; the weights and their gradients stay fp32).
+        update = self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype)))
         return y + (self.scale * update).to(y.dtype)
 
     def delta_weight(self):

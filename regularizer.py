@@ -12,7 +12,7 @@ where a is a running mean of the norm, and the norm is one vector-Jacobian produ
 
 It is StyleGAN2's path-length penalty with eps in the role of the latent. Because Eq. 10 is itself
 a gradient, training through it needs a double backward: run the UNet forward inside
-`attention.double_backward()`.
+`ops.double_backward()`.
 
 x0_hat lives in the LATENT space (4 x 64 x 64 for SD-1.5), as in the official code. The paper speaks
 of pixel intensities; no VAE decode is involved anywhere here.
@@ -21,7 +21,7 @@ A training step reads like Fig. 2(d):
 
     noise = torch.randn_like(latents).requires_grad_()
     x_t = abar.sqrt().view(-1, 1, 1, 1) * latents + (1 - abar).sqrt().view(-1, 1, 1, 1) * noise  # Eq. 2
-    with attention.double_backward():
+    with ops.double_backward():
         eps_pred = unet(x_t, t, text)
     x0_pred = predict_x0(x_t, eps_pred, abar)
     loss = F.mse_loss(eps_pred, noise.detach()) + lam * reg(x0_pred, noise, (1 - abar).sqrt())  # Eq. 14

@@ -100,7 +100,7 @@ EDIT_SOURCE = dict(shape="circle", colour="red", background="white", size="large
 EDIT_TARGET_COLOUR = "blue"
 
 
-TRAINING_CODE = ("train.py", "regularizer.py", "lora.py", "attention.py", "unet.py")
+TRAINING_CODE = ("train.py", "regularizer.py", "lora.py", "ops.py", "unet.py")
 
 
 @dataclass

@@ -304,10 +304,10 @@ def train_vae(images, cfg):
     """The VAE on the training images: MSE reconstruction + a small KL term (SD's VAE adds perceptual and
     GAN losses, which flat shapes do not need). Returns the VAE with its scaling_factor set so that the
     scaled latents of the training set have unit standard deviation (SD-1.5's 0.18215 does the same)."""
-    from vae import VAE
+    from checkpoint import vae_from_config
 
     torch.manual_seed(cfg.seed)
-    vae = VAE.from_config(VAE_CONFIG).train()
+    vae = vae_from_config(VAE_CONFIG).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     bar = tqdm(enumerate(_batches(len(images), cfg.vae_batch, cfg.vae_steps, cfg.seed)), total=cfg.vae_steps,
@@ -327,7 +327,7 @@ def train_vae(images, cfg):
         bar.set_postfix(mse=f"{recon.item():.4f}", kl=f"{kl.item():.2f}")
     vae.eval()
     mean, _ = encode_all(vae, images[:2000])
-    scaled = VAE.from_config({**VAE_CONFIG, "scaling_factor": round(1 / mean.std().item(), 5)})
+    scaled = vae_from_config({**VAE_CONFIG, "scaling_factor": round(1 / mean.std().item(), 5)})
     scaled.load_state_dict(vae.state_dict())
     return scaled.eval()
 
@@ -362,10 +362,10 @@ def train_denoiser(vae, images, captions, tokenizer, cfg):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     import sampler
-    from unet import UNet
+    from checkpoint import unet_from_config
 
     torch.manual_seed(cfg.seed)
-    unet = UNet.from_config(UNET_CONFIG).train()
+    unet = unet_from_config(UNET_CONFIG).train()
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, **TEXT_CONFIG)).train()

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import attention
+import ops
 import checkpoint
 import data
 import lora
@@ -240,7 +240,7 @@ def smooth_diffusion_loss(unet, latents, noise, timesteps, text, direction, alph
     sigma = (1 - abar[:n]).sqrt().flatten()  # sqrt(1 - abar_t) of Eq. 9/10
 
     def forward(x, sl, double_backward=False):
-        with attention.double_backward(double_backward), autocast():
+        with ops.double_backward(double_backward), autocast():
             return unet(x, timesteps[sl], text[sl]).float()
 
     if reg_mode == "vjp":
@@ -256,7 +256,7 @@ def smooth_diffusion_loss(unet, latents, noise, timesteps, text, direction, alph
         h = fd_h * math.sqrt(noise[0].numel())
         v = direction[:n] / direction[:n].flatten(1).norm(dim=1).view(-1, 1, 1, 1)  # unit length
         x_shift = abar[:n].sqrt() * latents[:n] + (1 - abar[:n]).sqrt() * (noise[:n] + h * v)  # Eq. 2
-        with attention.double_backward(False), autocast():
+        with ops.double_backward(False), autocast():
             eps_all = unet(torch.cat([x_t, x_shift]), torch.cat([timesteps, timesteps[:n]]),
                            torch.cat([text, text[:n]])).float()
         eps_pred = eps_all[:b]

@@ -3,15 +3,15 @@
 Architecture and parameter names are those of diffusers' `UNet2DConditionModel`, so a diffusers
 `unet/diffusion_pytorch_model.safetensors` loads with `load_state_dict(strict=True)`. The paper
 (Smooth Diffusion, Sec. 3-4) fine-tunes this network with LoRA; the regularizer (Eq. 9/10) needs a
-gradient of its gradient, so attention and convolutions go through `attention.py` (fused forward,
-a backward that can be differentiated cheaply) and gradient checkpointing keeps that working.
+gradient of its gradient, so attention and convolutions go through `ops.py` (fused forward, a
+backward that can be differentiated cheaply) and gradient checkpointing keeps that working.
 
     unet = UNet()                                   # SD-1.5, random weights
+    unet = checkpoint.unet_from_config(config_json)  # from a diffusers config dict (key policy there)
     eps = unet(latents, t, text_embeddings)         # [B,4,H,W], int/0-d/[B] t, [B,77,768]
 
 Tests: `pytest tests/test_unet.py` (parity with diffusers on tiny configs, SD-1.5 names on `meta`).
 """
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import attention
+import ops
 
 
 # ----------------------------------------------------------------------------- config
@@ -44,61 +44,6 @@ class UNetConfig:
     act_fn: str = "silu"  # only SiLU is implemented
     downsample_padding: int = 1  # padding of the stride-2 downsampling conv
     mid_block_scale_factor: float = 1.0  # mid-block resnet outputs are divided by this
-
-
-# diffusers config keys whose feature we do not implement, with the values that mean "feature off".
-# A config may carry them at these values; any other value raises ValueError.
-UNET_OFF_VALUES = {
-    "center_input_sample": (False,), "only_cross_attention": (False,), "dropout": (0, 0.0),
-    "transformer_layers_per_block": (1,), "reverse_transformer_layers_per_block": (None,),
-    "encoder_hid_dim": (None,), "encoder_hid_dim_type": (None,), "num_attention_heads": (None,),
-    "dual_cross_attention": (False,), "use_linear_projection": (False,), "class_embed_type": (None,),
-    "addition_embed_type": (None,), "addition_time_embed_dim": (None,), "num_class_embeds": (None,),
-    "upcast_attention": (False, None), "resnet_time_scale_shift": ("default",),
-    "resnet_skip_time_act": (False,), "resnet_out_scale_factor": (1, 1.0),
-    "time_embedding_type": ("positional",), "time_embedding_dim": (None,),
-    "time_embedding_act_fn": (None,), "timestep_post_act": (None,), "time_cond_proj_dim": (None,),
-    "conv_in_kernel": (3,), "conv_out_kernel": (3,), "projection_class_embeddings_input_dim": (None,),
-    "attention_type": ("default",), "class_embeddings_concat": (False,),
-    "mid_block_only_cross_attention": (None, False), "cross_attention_norm": (None,),
-}
-# Keys that are harmless at any value: they only matter together with a feature that is off above.
-UNET_IGNORED = {"addition_embed_type_num_heads"}
-# Allowed values of keys we implement only partly.
-UNET_CHOICES = {
-    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-    "mid_block_type": ("UNetMidBlock2DCrossAttn",), "act_fn": ("silu", "swish"),
-}
-
-
-def config_from_dict(cls, d, off_values, ignored=(), choices=None):
-    """Build dataclass `cls` from a diffusers config.json dict (hand-written or save_pretrained).
-
-    Keys starting with `_` (diffusers metadata) and `ignored` keys are skipped. Keys in `off_values`
-    must hold a "feature off" value. Unknown keys raise: a typo or a newer diffusers feature would
-    otherwise be silently dropped and the weights would load into the wrong architecture.
-    """
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in d.items():
-        if key.startswith("_") or key in ignored:
-            continue
-        if key in off_values:
-            if not any(value == ok and isinstance(value, bool) == isinstance(ok, bool) for ok in off_values[key]):
-                raise ValueError(f"config key {key!r} = {value!r} asks for a feature this implementation "
-                                 f"does not have; supported: {off_values[key]}")
-        elif key in fields:
-            kwargs[key] = tuple(value) if isinstance(value, list) else value
-        else:
-            raise ValueError(f"unknown config key {key!r} = {value!r}; remove it or implement it "
-                             f"(known keys: {sorted(fields | set(off_values) | set(ignored))})")
-    for key, allowed in (choices or {}).items():
-        value = kwargs.get(key, getattr(cls, key))
-        for v in value if isinstance(value, tuple) else (value,):
-            if v not in allowed:
-                raise ValueError(f"config key {key!r} has unsupported value {v!r}; supported: {allowed}")
-    return cls(**kwargs)
 
 
 def num_heads(config, level):
@@ -137,10 +82,10 @@ class TimestepEmbedding(nn.Module):
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters) whose double backward is cheap: see `attention.conv2d`."""
+    """nn.Conv2d (same parameters) whose double backward is cheap: see `ops.conv2d`."""
 
     def forward(self, x):
-        return attention.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        return ops.conv2d(x, self.weight, self.bias, self.stride, self.padding)
 
 
 class ResnetBlock2D(nn.Module):
@@ -188,7 +133,7 @@ class Attention(nn.Module):
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # [B, L(q or kv), heads*d]
         q, k, v = (t.view(B, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
                    for t in (q, k, v))  # [B, heads, L, d]
-        out = attention.attention(q, k, v).transpose(1, 2).reshape(B, L, -1)  # [B, L, heads*d]
+        out = ops.attention(q, k, v).transpose(1, 2).reshape(B, L, -1)  # [B, L, heads*d]
         return self.to_out[0](out)
 
 
@@ -339,11 +284,6 @@ class UNet(nn.Module):
         self.conv_out = Conv2d(chs[0], cfg.out_channels, 3, padding=1)
         self.gradient_checkpointing = False
 
-    @classmethod
-    def from_config(cls, d: dict):
-        """UNet from a diffusers unet/config.json dict (see `config_from_dict` for the key policy)."""
-        return cls(config_from_dict(UNetConfig, d, UNET_OFF_VALUES, UNET_IGNORED, UNET_CHOICES))
-
     def enable_gradient_checkpointing(self, enabled=True):
         """Recompute resnet/transformer activations in backward (training only); double-backward safe."""
         self.gradient_checkpointing = enabled
@@ -352,11 +292,11 @@ class UNet(nn.Module):
         if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
             return module(*args)
         # Non-reentrant checkpointing supports autograd.grad and double backward. The recomputation
-        # happens during backward, possibly outside `attention.double_backward()`, so carry the flag.
-        flag = attention.double_backward_enabled()
+        # happens during backward, possibly outside `ops.double_backward()`, so carry the flag.
+        flag = ops.double_backward_enabled()
 
         def recompute(*a):
-            with attention.double_backward(flag):
+            with ops.double_backward(flag):
                 return module(*a)
         return checkpoint(recompute, *args, use_reentrant=False)
 

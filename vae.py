@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from unet import Attention, Downsample2D, ResnetBlock2D, Upsample2D, config_from_dict
+from unet import Attention, Downsample2D, ResnetBlock2D, Upsample2D
 
 VAE_SCALE = 0.18215  # SD-1.x latent scaling factor (makes latents roughly unit variance)
 
@@ -37,12 +37,6 @@ class VAEConfig:
     scaling_factor: float = VAE_SCALE  # latents for the UNet are mean * scaling_factor
 
 
-# diffusers keys for features we do not implement, with their "off" values (see unet.config_from_dict).
-VAE_OFF_VALUES = {"shift_factor": (None, 0, 0.0), "latents_mean": (None,), "latents_std": (None,),
-                  "use_quant_conv": (True,), "use_post_quant_conv": (True,), "mid_block_add_attention": (True,)}
-VAE_IGNORED = {"force_upcast"}  # a hint for fp16 pipelines; no effect on the computation
-VAE_CHOICES = {"down_block_types": ("DownEncoderBlock2D",), "up_block_types": ("UpDecoderBlock2D",),
-               "act_fn": ("silu", "swish")}
 EPS = 1e-6  # every GroupNorm in the VAE
 
 
@@ -135,11 +129,6 @@ class VAE(nn.Module):
         self.decoder = Decoder(c)
         self.quant_conv = nn.Conv2d(2 * c.latent_channels, 2 * c.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(c.latent_channels, c.latent_channels, 1)
-
-    @classmethod
-    def from_config(cls, d: dict):
-        """VAE from a diffusers vae/config.json dict (key policy: `unet.config_from_dict`)."""
-        return cls(config_from_dict(VAEConfig, d, VAE_OFF_VALUES, VAE_IGNORED, VAE_CHOICES))
 
     @property
     def scaling_factor(self):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import TINY_UNET
 
-import attention
 import bench
+import ops
 import regularizer
 import unet as unet_module
 
@@ -19,13 +19,13 @@ import unet as unet_module
 def record(monkeypatch):
     """Run one step mode on the tiny UNet -> (result, log of what happened in the timed repeats too)."""
     monkeypatch.setattr(bench, "SMALL_UNET", {k: v for k, v in TINY_UNET.items() if k != "sample_size"})
-    # vjp-math swaps attention.DoubleBackwardAttention for the run; put it back afterwards.
-    monkeypatch.setattr(attention, "DoubleBackwardAttention", attention.DoubleBackwardAttention)
+    # vjp-math swaps ops.DoubleBackwardAttention for the run; put it back afterwards.
+    monkeypatch.setattr(ops, "DoubleBackwardAttention", ops.DoubleBackwardAttention)
     log = {}
 
     forward = unet_module.UNet.forward
     def logged_forward(self, sample, *args):
-        log["forwards"].append((sample.shape[0], attention.double_backward_enabled()))
+        log["forwards"].append((sample.shape[0], ops.double_backward_enabled()))
         return forward(self, sample, *args)
 
     adamw_step = torch.optim.AdamW.step

@@ -194,13 +194,11 @@ def test_an_sd15_single_file_fits_the_default_models():
     """Without config=, a single file is read as SD-1.5: SD-1.5's full CompVis key set, converted with the
     default configs, has exactly the names and shapes of our default UNet, VAE and text encoder (on meta)."""
     from transformers import CLIPTextConfig, CLIPTextModel
-    from unet import UNet
-    from vae import VAE
     sd = diffusers_to_compvis(*meta_state_dicts(SD15_UNET, SD15_VAE), SD15_UNET, SD15_VAE)
     defaults = checkpoint._read_configs()
     converted = compvis_to_diffusers(sd, defaults["unet"], defaults["vae"])
     with torch.device("meta"):
-        ours = (UNet.from_config(defaults["unet"]), VAE.from_config(defaults["vae"]),
+        ours = (checkpoint.unet_from_config(defaults["unet"]), checkpoint.vae_from_config(defaults["vae"]),
                 CLIPTextModel(CLIPTextConfig.from_dict(defaults["text_encoder"])))
     for weights, model in zip(converted, ours):
         assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in model.state_dict().items()}

@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from checkpoint import unet_from_config
 from conftest import TINY_UNET, perturb_
 from lora import (LoRALayer, freeze_all_but_lora, inject_lora, load_lora, lora_layers, lora_parameters,
                   lora_state_dict, merge_lora, save_lora, set_lora_scale, unmerge_lora)
-from unet import UNet
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -22,7 +22,7 @@ def reference():
     from diffusers import UNet2DConditionModel
     torch.manual_seed(0)
     theirs = perturb_(UNet2DConditionModel(**TINY_UNET)).eval()
-    ours = UNet.from_config(TINY_UNET).eval()
+    ours = unet_from_config(TINY_UNET).eval()
     ours.load_state_dict(theirs.state_dict(), strict=True)
     return theirs, ours
 
@@ -143,7 +143,7 @@ def test_hand_merged_weights_give_our_output(ours):
     set_lora_scale(ours, 0.7)  # scale = 0.7 * 8 / 4
     updates = {name: (layer.lora_down.weight, layer.lora_up.weight, 0.7 * 8 / 4)
                for name, layer in lora_layers(ours).items()}
-    plain = UNet.from_config(TINY_UNET).eval()
+    plain = unet_from_config(TINY_UNET).eval()
     plain.load_state_dict({k: v for k, v in ours.state_dict().items() if "lora" not in k})
     assert_close(run(ours), run(hand_merged(plain, updates)))
 
@@ -159,7 +159,7 @@ def test_merge_and_unmerge_round_trip_the_base_weights(ours):
                            base["mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"])
     assert_close(run(ours), with_lora)
     set_lora_scale(ours, 0.0)  # re-merges at the new scale: back to the base model
-    plain = UNet.from_config(TINY_UNET).eval()
+    plain = unet_from_config(TINY_UNET).eval()
     plain.load_state_dict(base)
     assert_close(run(ours), run(plain))
     unmerge_lora(ours)

@@ -281,13 +281,13 @@ def test_running_mean_is_averaged_across_ranks(tmp_path):
 def test_regularizer_on_a_tiny_unet_trains_only_the_lora_and_its_gradient_is_right():
     """One Eq. 9 backward through the real UNet (double backward, math attention): finite, non-zero
     gradients on the LoRA weights only, equal to a float64 finite difference along a random direction."""
-    import attention
+    import ops
+    from checkpoint import unet_from_config
     from conftest import TINY_UNET, perturb_
     from lora import freeze_all_but_lora, inject_lora
-    from unet import UNet
 
     torch.manual_seed(0)
-    unet = perturb_(UNet.from_config(TINY_UNET))
+    unet = perturb_(unet_from_config(TINY_UNET))
     inject_lora(unet, rank=2)
     params = freeze_all_but_lora(unet.double())  # float64 (LoRA included) for the finite difference
     perturb_(nn.ModuleList(layer.lora_up for layer in lora_layers(unet).values()), seed=1, scale=0.05)
@@ -304,7 +304,7 @@ def test_regularizer_on_a_tiny_unet_trains_only_the_lora_and_its_gradient_is_rig
     def loss_fn():
         noise = noise0.clone().requires_grad_()
         x_t = abar.sqrt().view(-1, 1, 1, 1) * latents + (1 - abar).sqrt().view(-1, 1, 1, 1) * noise  # Eq. 2
-        with attention.double_backward():
+        with ops.double_backward():
             x0_pred = predict_x0(x_t, unet(x_t, t, cond), abar)
             return reg(x0_pred, noise, (1 - abar).sqrt(), direction=direction)
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from conftest import TINY_UNET, TINY_UNET_3LEVEL, perturb_
 
-import attention
+import ops
+from checkpoint import unet_from_config
 from unet import UNet, UNetConfig
 
 diffusers = pytest.importorskip("diffusers")
@@ -26,7 +27,7 @@ SD15_UNET_JSON = """{
 def diffusers_and_ours(config, seed=0):
     torch.manual_seed(seed)
     ref = perturb_(diffusers.UNet2DConditionModel(**config), seed).eval()
-    ours = UNet.from_config(config).eval()
+    ours = unet_from_config(config).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref, ours
 
@@ -67,14 +68,14 @@ def test_from_config_reads_a_diffusers_saved_config(tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text())
     assert len(saved) > 45  # save_pretrained writes every __init__ argument
     with torch.device("meta"):  # building SD-1.5 for real would cost seconds and 3.4 GB
-        assert UNet.from_config(saved).config == UNetConfig()
-    small = UNet.from_config({**saved, **TINY_UNET}).config
+        assert unet_from_config(saved).config == UNetConfig()
+    small = unet_from_config({**saved, **TINY_UNET}).config
     assert small.block_out_channels == (32, 64) and small.attention_head_dim == 2
 
 
 def test_from_config_reads_the_hand_written_sd15_config():
     with torch.device("meta"):
-        assert UNet.from_config(json.loads(SD15_UNET_JSON)).config == UNetConfig()
+        assert unet_from_config(json.loads(SD15_UNET_JSON)).config == UNetConfig()
 
 
 @pytest.mark.parametrize("key, value", [
@@ -83,7 +84,7 @@ def test_from_config_reads_the_hand_written_sd15_config():
     ("act_fn", "gelu"), ("not_a_unet_key", 1)])
 def test_from_config_rejects_unimplemented_features_naming_key_and_value(key, value):
     with pytest.raises(ValueError) as err:
-        UNet.from_config({**TINY_UNET, key: value})
+        unet_from_config({**TINY_UNET, key: value})
     assert key in str(err.value) and repr(value if not isinstance(value, list) else value[0]) in str(err.value)
 
 
@@ -97,7 +98,7 @@ def second_order_grads(unet, checkpointing):
     x0, u = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
     eps = torch.randn(2, 4, 4, 4, generator=g).requires_grad_()
     text = torch.randn(2, 5, 32, generator=g)
-    with attention.double_backward():
+    with ops.double_backward():
         x_t = 0.8 * x0 + 0.6 * eps
         (grad,) = torch.autograd.grad((unet(x_t, torch.tensor([10, 700]), text) * u).sum(), eps,
                                       create_graph=True)
@@ -109,7 +110,7 @@ def second_order_grads(unet, checkpointing):
 
 def test_double_backward_gives_finite_nonzero_grads_and_checkpointing_does_not_change_them():
     torch.manual_seed(0)
-    unet = perturb_(UNet.from_config(TINY_UNET)).double().train()
+    unet = perturb_(unet_from_config(TINY_UNET)).double().train()
     torch.set_default_dtype(torch.float64)
     try:
         plain, plain_calls = second_order_grads(unet, checkpointing=False)

@@ -3,6 +3,7 @@ import pytest
 import torch
 from conftest import TINY_VAE, perturb_
 
+from checkpoint import vae_from_config
 from vae import VAE, VAEConfig
 
 diffusers = pytest.importorskip("diffusers")
@@ -18,7 +19,7 @@ def close(got, expected):
 def test_vae_encode_and_decode_match_diffusers_on_non_square_images():
     torch.manual_seed(0)
     ref = perturb_(diffusers.AutoencoderKL(**TINY_VAE), scale=0.02).eval()
-    ours = VAE.from_config(dict(ref.config)).eval()  # diffusers' full config: every key must be accepted
+    ours = vae_from_config(dict(ref.config)).eval()  # diffusers' full config: every key must be accepted
     ours.load_state_dict(ref.state_dict(), strict=True)
     images = torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
@@ -32,7 +33,7 @@ def test_vae_encode_and_decode_match_diffusers_on_non_square_images():
 
 
 def test_vae_logvar_is_clamped_like_diffusers():
-    vae = VAE.from_config(TINY_VAE)
+    vae = vae_from_config(TINY_VAE)
     with torch.no_grad():
         vae.quant_conv.bias[4:] = 100.0  # logvar channels far above the clamp
     assert vae.encode(torch.zeros(1, 3, 8, 8))[1].max().item() == 20.0
@@ -51,7 +52,7 @@ def test_vae_from_config_reads_diffusers_saved_config_and_rejects_unimplemented_
     import json
     with torch.device("meta"):
         diffusers.AutoencoderKL(**SD_VAE).save_config(tmp_path)
-    assert VAE.from_config(json.loads((tmp_path / "config.json").read_text())).config == VAEConfig()
+    assert vae_from_config(json.loads((tmp_path / "config.json").read_text())).config == VAEConfig()
     for key, value in (("use_quant_conv", False), ("shift_factor", 0.1159), ("up_block_types", ["UpBlock2D"])):
         with pytest.raises(ValueError, match=f"{key}.*{value if not isinstance(value, list) else value[0]}"):
-            VAE.from_config({**TINY_VAE, key: value})
+            vae_from_config({**TINY_VAE, key: value})

@@ -1,4 +1,4 @@
-"""attention.py: the double-backward path has the math path's first and second derivatives.
+"""ops.py: the double-backward path has the math path's first and second derivatives.
 
 Tiny float64 shapes; gradcheck / gradgradcheck compare against finite differences, the other tests
 against `math_attention` differentiated by autograd (the oracle).
@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
-import attention
-from attention import AttentionBackward, DoubleBackwardAttention, math_attention
+import ops
+from ops import AttentionBackward, DoubleBackwardAttention, math_attention
 
 
 def qkv(b=1, heads=2, lq=5, lk=5, d=3, dv=None, seed=0):
@@ -67,20 +67,20 @@ def test_chunked_equals_unchunked():
 
 
 def test_attention_switches_path_only_inside_double_backward_with_grad(monkeypatch):
-    monkeypatch.setattr(attention, "MATH_MAX_KEYS", 4)
+    monkeypatch.setattr(ops, "MATH_MAX_KEYS", 4)
     q, k, v = qkv()
-    assert attention.attention(q, k, v).grad_fn.name() != "DoubleBackwardAttentionBackward"
-    with attention.double_backward():
-        assert attention.double_backward_enabled()
-        assert attention.attention(q, k, v).grad_fn.name() == "DoubleBackwardAttentionBackward"
+    assert ops.attention(q, k, v).grad_fn.name() != "DoubleBackwardAttentionBackward"
+    with ops.double_backward():
+        assert ops.double_backward_enabled()
+        assert ops.attention(q, k, v).grad_fn.name() == "DoubleBackwardAttentionBackward"
         with torch.no_grad():
-            torch.testing.assert_close(attention.attention(q, k, v), math_attention(q, k, v))
-    assert not attention.double_backward_enabled()
-    with attention.double_backward():  # few keys (text tokens): the math path, cheaper there
-        out = attention.attention(q, k[..., :4, :], v[..., :4, :])
+            torch.testing.assert_close(ops.attention(q, k, v), math_attention(q, k, v))
+    assert not ops.double_backward_enabled()
+    with ops.double_backward():  # few keys (text tokens): the math path, cheaper there
+        out = ops.attention(q, k[..., :4, :], v[..., :4, :])
         assert out.grad_fn.name() != "DoubleBackwardAttentionBackward"
     # The default path is plain SDPA, which has no double backward on CPU: the reason for the switch.
-    torch.testing.assert_close(attention.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    torch.testing.assert_close(ops.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
 
 
 class TwoLayers(torch.nn.Module):
@@ -104,7 +104,7 @@ class TwoLayers(torch.nn.Module):
 
 def test_double_backward_through_two_stacked_layers_matches_math_path(monkeypatch):
     """The regularizer's pattern: ||d(out . u)/d x|| in the loss, trained by parameter gradients."""
-    monkeypatch.setattr(attention, "MATH_MAX_KEYS", 0)  # both layers through DoubleBackwardAttention
+    monkeypatch.setattr(ops, "MATH_MAX_KEYS", 0)  # both layers through DoubleBackwardAttention
     torch.manual_seed(0)
     model = TwoLayers().double()
     x0 = torch.randn(2, 10, 8, dtype=torch.float64)
@@ -119,8 +119,8 @@ def test_double_backward_through_two_stacked_layers_matches_math_path(monkeypatc
         return torch.autograd.grad(loss, list(model.parameters()))
 
     def ours(q, k, v):
-        with attention.double_backward():
-            return attention.attention(q, k, v, chunk=3)
+        with ops.double_backward():
+            return ops.attention(q, k, v, chunk=3)
 
     for a, b in zip(param_grads(ours), param_grads(math_attention)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
@@ -150,7 +150,7 @@ def test_conv_gradcheck_and_gradgradcheck(c_in, c_out, kernel, stride, padding, 
     x = torch.randn(2, c_in, side, side, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(c_out, c_in, kernel, kernel, generator=g, dtype=torch.float64, requires_grad=trained_weight)
     b = torch.randn(c_out, generator=g, dtype=torch.float64, requires_grad=trained_weight)
-    f = lambda x, w, b: attention.DoubleBackwardConv2d.apply(x, w, b, (stride, stride), (padding, padding))
+    f = lambda x, w, b: ops.DoubleBackwardConv2d.apply(x, w, b, (stride, stride), (padding, padding))
     torch.testing.assert_close(f(x, w, b), F.conv2d(x, w, b, stride, padding))
     assert gradcheck(f, (x, w, b))
     assert gradgradcheck(f, (x, w, b))
@@ -165,9 +165,9 @@ def test_conv_double_backward_equals_pytorchs_on_the_regularizer_pattern():
     u = torch.randn(2, 4, 4, 4, generator=g)
 
     def penalty(double_backward):
-        with attention.double_backward(double_backward):
-            h = attention.conv2d(x, w1, None, (1, 1), (1, 1)).tanh()
-            y = attention.conv2d(h, w2, None, (2, 2), (1, 1))
+        with ops.double_backward(double_backward):
+            h = ops.conv2d(x, w1, None, (1, 1), (1, 1)).tanh()
+            y = ops.conv2d(h, w2, None, (2, 2), (1, 1))
         (grad_x,) = torch.autograd.grad((y * u).sum(), x, create_graph=True)
         return torch.autograd.grad(grad_x.norm(), w1)[0]
 
@@ -177,14 +177,82 @@ def test_conv_double_backward_equals_pytorchs_on_the_regularizer_pattern():
 def test_unet_conv_switches_path_only_inside_double_backward(monkeypatch):
     from unet import Conv2d
     conv, calls = Conv2d(2, 3, 3, padding=1), []
-    monkeypatch.setattr(attention.DoubleBackwardConv2d, "apply",
+    monkeypatch.setattr(ops.DoubleBackwardConv2d, "apply",
                         lambda *a: calls.append(1) or F.conv2d(*a[:3], a[3], a[4]))
     x = torch.randn(1, 2, 4, 4)
     conv(x)
-    with attention.double_backward(), torch.no_grad():
+    with ops.double_backward(), torch.no_grad():
         conv(x)
     assert calls == []
-    with attention.double_backward():
+    with ops.double_backward():
         out = conv(x)
     assert calls == [1]
     torch.testing.assert_close(out, F.conv2d(x, conv.weight, conv.bias, 1, 1))
+
+
+# ------------------------------------------------------------------------------- under autocast (bf16)
+# bf16 keeps 8 significant bits: one rounding is off by at most u = 2^-8 (half of finfo.eps = 2^-7).
+# The second derivatives pass through about four bf16 roundings (inputs, P, dS, the first
+# gradient), so we allow 4u in norm-relative error against float64, for ours AND for the math path
+# (the oracle meets the same bound: it is bf16's, not slack for ours).
+# Measured: ours <= 2.6u, math path <= 3.1u.
+BF16_U = torch.finfo(torch.bfloat16).eps / 2
+
+
+def relative_error(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def attention_derivatives(fn, q, k, v, autocast):
+    """[out, first derivatives, second derivatives] of `first_and_second`'s pattern, w and u drawn in
+    float64 whatever the dtype (so every run sees the same directions), the ops under bf16 autocast."""
+    g = torch.Generator().manual_seed(1)
+    with torch.autocast(q.device.type, dtype=torch.bfloat16, enabled=autocast), ops.double_backward():
+        out = fn(q, k, v)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64).to(q)
+    grads = torch.autograd.grad((out.to(q.dtype) * w).sum(), (q, k, v), create_graph=True)
+    u = [torch.randn(x.shape, generator=g, dtype=torch.float64).to(q) for x in grads]
+    second = torch.autograd.grad(sum(((x * ui).sum()) ** 2 for x, ui in zip(grads, u)), (q, k, v))
+    return [out, *grads, *second]
+
+
+@pytest.mark.parametrize("length, d", [(160, 16), (300, 40)])  # > MATH_MAX_KEYS: the fused path
+def test_attention_under_bf16_autocast_matches_the_math_path_within_bf16_rounding(length, d):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, length, d, generator=g, dtype=torch.float64) for _ in range(3))
+    exact = attention_derivatives(math_attention, *(x.clone().requires_grad_() for x in (q, k, v)), False)
+    ours = attention_derivatives(ops.attention, *(x.float().requires_grad_() for x in (q, k, v)), True)
+    math_path = attention_derivatives(math_attention, *(x.float().requires_grad_() for x in (q, k, v)), True)
+    assert ours[0].dtype == torch.bfloat16  # computed in autocast's dtype, as SDPA would be
+    for a, m, e in zip(ours, math_path, exact):
+        assert torch.isfinite(a).all()
+        assert relative_error(a, e) < 4 * BF16_U
+        assert relative_error(m, e) < 4 * BF16_U
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])  # trained fp32 / frozen bf16
+def test_conv_under_bf16_autocast_double_backward_equals_pytorchs(weight_dtype):
+    """The regularizer's pattern with fp32 inputs and mixed weights under autocast (the training setup).
+    Without the casts in `_under_autocast` the backward fails on mixed dtypes."""
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(2, 8, 12, 12, generator=g, dtype=torch.float64)
+    w1_0 = torch.randn(16, 8, 3, 3, generator=g, dtype=torch.float64) / 8  # trained, upstream
+    w2_0 = torch.randn(16, 16, 3, 3, generator=g, dtype=torch.float64) / 12
+    u = torch.randn(2, 16, 6, 6, generator=g, dtype=torch.float64)
+
+    def derivatives(double_backward, dtype, autocast):
+        x, w1 = x0.to(dtype).requires_grad_(), w1_0.to(dtype).requires_grad_()
+        w2 = w2_0.to(weight_dtype if autocast else dtype)
+        with ops.double_backward(double_backward), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            h = ops.conv2d(x, w1, None, (1, 1), (1, 1)).tanh()
+            y = ops.conv2d(h, w2, None, (2, 2), (1, 1))
+        (grad_x,) = torch.autograd.grad((y.to(dtype) * u.to(dtype)).sum(), x, create_graph=True)
+        return grad_x, torch.autograd.grad(grad_x.norm(), w1)[0]
+
+    exact = derivatives(False, torch.float64, autocast=False)
+    ours = derivatives(True, torch.float32, autocast=True)
+    pytorchs = derivatives(False, torch.float32, autocast=True)
+    for a, p, e in zip(ours, pytorchs, exact):
+        assert a.dtype == torch.float32  # gradients come back in the inputs' dtype
+        torch.testing.assert_close(a, p, rtol=1e-3, atol=1e-3 * p.abs().max().item())
+        assert relative_error(a, e) < 4 * BF16_U

@@ -1,4 +1,4 @@
-"""Scaled dot-product attention for the UNet and the VAE, with a fast path for double backward.
+"""Attention and convolution for the UNet and the VAE, with a cheap double backward.
 
 The regularizer (Eq. 9/10, `regularizer.py`) differentiates the gradient of the UNet's output, so
 every op in the forward pass needs a differentiable backward. PyTorch's fused SDPA kernels (flash,
@@ -21,7 +21,10 @@ the math path is faster.
 Convolutions get the same treatment (`conv2d`, `DoubleBackwardConv2d`): PyTorch can differentiate its
 convolution backward, but does needless work there; ours writes the backward with ordinary ops.
 
-`python -m pytest -q tests/test_attention.py` checks both derivatives against the math path
+Under autocast (mixed precision, CPU bf16 or CUDA bf16/fp16) both Functions compute in autocast's
+dtype, as the ops they replace would: `_under_autocast` casts their inputs before `apply`.
+
+`python -m pytest -q tests/test_ops.py` checks both derivatives of both ops against autograd's
 (float64 gradcheck / gradgradcheck).
 """
 import contextlib
@@ -59,6 +62,25 @@ def double_backward(enabled: bool = True):
 
 def double_backward_enabled() -> bool:
     return _double_backward.get()
+
+
+def _under_autocast(fn, *tensors):
+    """fn(*tensors) for an autograd Function's `apply`, the floating-point tensors in autocast's dtype.
+
+    Autocast casts the inputs of each op it dispatches, so a Function's forward computes in its dtype;
+    but the backward runs where autocast is off (loss.backward() after the autocast block, CUDA's
+    backward thread) on the saved tensors in their own dtypes (fp32 input, bf16 or fp32 weight), and
+    conv_transpose2d(bf16 gradient, fp32 weight) fails there. So cast once, here, and run `apply` with
+    autocast off: forward, backward and double backward then see one dtype, on CPU and CUDA alike;
+    autograd casts each gradient back to its input's dtype (an fp32 LoRA weight gets an fp32 gradient).
+    """
+    device = tensors[0].device.type
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):  # e.g. meta
+        return fn(*tensors)
+    dtype = torch.get_autocast_dtype(device)
+    cast = [t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
+    with torch.autocast(device, enabled=False):
+        return fn(*cast)
 
 
 def math_attention(q, k, v):
@@ -176,7 +198,7 @@ def attention(q, k, v, chunk=None):
     if _double_backward.get() and torch.is_grad_enabled():
         if k.shape[-2] <= MATH_MAX_KEYS:
             return math_attention(q, k, v)
-        return DoubleBackwardAttention.apply(q, k, v, chunk or CHUNK)
+        return _under_autocast(DoubleBackwardAttention.apply, q, k, v, chunk or CHUNK)
     return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -218,5 +240,5 @@ class DoubleBackwardConv2d(torch.autograd.Function):
 def conv2d(x, weight, bias=None, stride=(1, 1), padding=(0, 0)):
     """F.conv2d; inside `double_backward()` with grad enabled, through `DoubleBackwardConv2d`."""
     if _double_backward.get() and torch.is_grad_enabled():
-        return DoubleBackwardConv2d.apply(x, weight, bias, tuple(stride), tuple(padding))
+        return _under_autocast(DoubleBackwardConv2d.apply, x, weight, bias, tuple(stride), tuple(padding))
     return F.conv2d(x, weight, bias, stride, padding)
