@@ -34,6 +34,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import resource
 import signal
 import sys
@@ -394,7 +395,9 @@ def read_state(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, random bytes, a hostile pickle: torch raises many types
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        # Not torch's advice to retry with weights_only=False: that would run whatever code a pickle holds.
+        reason = ("the safe loader refused it: not tensors only" if isinstance(e, pickle.UnpicklingError)
+                  else str(e).strip().split(". ")[0][:160])
         raise ValueError(f"cannot resume from {path}: it is not a readable train.py checkpoint "
                          f"({type(e).__name__}: {reason}). Truncated or overwritten? Point --resume at "
                          "another state.pt, or start afresh in a new --out (the file is left as it is).") from None
