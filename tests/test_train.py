@@ -481,3 +481,71 @@ def test_device_default_and_backend_choice(monkeypatch):
     assert train.resolve_device(train.TrainConfig(device="cpu"), local_rank=3) == torch.device("cpu")
     assert train.process_group_backend(torch.device("cuda", 3)) == "nccl"
     assert train.process_group_backend(torch.device("cpu")) == "gloo"
+
+
+DDP_CHECK = '''
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + "/tests")
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+import lora, regularizer, sampler, train
+from conftest import TINY_UNET, perturb_
+from unet import UNet, UNetConfig
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+unet = perturb_(UNet(UNetConfig(**{k: v for k, v in TINY_UNET.items()})))
+lora.inject_lora(unet, rank=2)
+params = lora.freeze_all_but_lora(unet)
+perturb_(unet.requires_grad_(False))
+params = lora.freeze_all_but_lora(unet)
+abar = sampler.make_schedule().alphas_cumprod
+reg = regularizer.StepwiseVariationRegularizer().eval()
+reg.a.fill_(0.3)
+g = torch.Generator().manual_seed(10 + rank)  # each rank its own micro-batches
+batches = [dict(latents=torch.randn(2, 4, 8, 8, generator=g), noise=torch.randn(2, 4, 8, 8, generator=g),
+                direction=torch.randn(2, 4, 8, 8, generator=g), t=torch.randint(0, 1000, (2,), generator=g),
+                text=torch.randn(2, 77, 32, generator=g)) for _ in range(2)]
+
+def accumulate(model):
+    for micro, b in enumerate(batches):
+        with model.no_sync() if isinstance(model, DDP) and micro == 0 else torch.enable_grad():
+            loss, *_ = train.smooth_diffusion_loss(model, b["latents"], b["noise"], b["t"], b["text"],
+                                                   b["direction"], abar, reg=reg, reg_mode="vjp")
+            (loss / len(batches)).backward()
+    grads = torch.cat([p.grad.flatten() for p in params])
+    for p in params:
+        p.grad = None
+    return grads
+
+local = accumulate(unet)  # this rank's accumulated gradient, no communication
+expected = local.clone()
+dist.all_reduce(expected)
+expected /= 2
+calls = []
+def counting_allreduce(state, bucket):
+    calls.append(len(calls))
+    return allreduce_hook(state, bucket)
+ddp = DDP(unet, find_unused_parameters=False)
+ddp.register_comm_hook(dist.group.WORLD, counting_allreduce)
+reduced = accumulate(ddp)
+torch.testing.assert_close(reduced, expected, rtol=1e-5, atol=1e-7)
+assert not torch.allclose(local, expected)  # the ranks' gradients differ: the all-reduce did something
+print(f"rank {rank}: buckets all-reduced {len(calls)}, max grad diff {(reduced - expected).abs().max():.2e}")
+del ddp
+dist.destroy_process_group()
+'''
+
+
+def test_ddp_with_the_double_backward_all_reduces_once_per_optimizer_step_under_accumulation(tmp_path):
+    """find_unused_parameters=False with Eq. 10's double backward (vjp) and no_sync on all but the last
+    micro-step: every LoRA gradient is the mean of the ranks' accumulated gradients, with one bucket
+    all-reduce pass per optimizer step (the tiny UNet's LoRA fits one 25 MB bucket)."""
+    script = tmp_path / "ddp_check.py"
+    script.write_text(DDP_CHECK)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), str(ROOT)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("buckets all-reduced 1,") == 2, result.stdout
