@@ -19,7 +19,17 @@ Run it:
 Results do not depend on the number of processes: every sample's image, timestep, noise, posterior
 sample and regularizer direction are functions of (seed, its position in the global data stream), and
 the regularizer's running mean `a` is averaged over ranks. So 2 processes x batch 1 give the same LoRA
-as 1 process x batch 2 (up to float summation order). `--resume auto` continues a run exactly.
+as 1 process x batch 2 (up to float summation order). `--resume` (= auto: OUT/state.pt) continues a
+run exactly; it refuses other optimization settings (lr, lambda, batch, seed, ...) unless
+`--resume-override` names them, and then the optimizer uses the new values. SIGTERM / Ctrl-C save a
+checkpoint and exit 143 / 130.
+
+Watching a long run: `--validate-every N --validation-prompts FILE` writes an interpolation strip per
+prompt (fixed noise pairs, `--validation-steps` DDIM steps) to OUT/validation/step-N.png, their ISTD
+and mean adjacent distance to log.jsonl, and all steps stacked to OUT/validation/progress.png (rank 0;
+the training RNG is untouched, so a resume stays exact). `--snapshot-every N` keeps
+OUT/smooth_lora-stepN.safetensors (the newest `--keep-snapshots K`). `--mixed-precision bf16` runs on
+CPU and GPU (frozen weights bf16; LoRA, AdamW state and a stay fp32); fp16 needs CUDA.
 
 Cheaper regularizer variants (not in the paper): `--reg-every k` regularizes every k-th step with the
 loss scaled by k (StyleGAN2's lazy regularization); `--reg-batch-frac f` regularizes only the first
