@@ -2,8 +2,9 @@
 
 Two layouts are read:
   * a folder: `cat.png` + `cat.txt` (one caption per image, searched recursively);
-  * a JSONL file, one `{"image": path, "text": caption}` per line (the kind of annotation the official
-    code trains on with LAION-Aesthetics 6.5+); relative paths are taken from the JSONL's folder.
+  * a JSONL file, one `{"file_name": path, "caption": caption}` per line (the official data preparation's
+    format, for LAION-Aesthetics 6.5+) or `{"image": path, "text": caption}`; relative paths are read
+    from `root` (train.py's --data-root), by default the JSONL's folder.
 
 Images are converted to RGB, the shorter side resized to the resolution, centre cropped (the official
 script crops at random; a centre crop keeps a sample a pure function of its index, which exact resume
@@ -12,8 +13,9 @@ and world-size independence rely on) and scaled to [-1, 1].
 A file that cannot be decoded is skipped, never a crash: the item is replaced by the next readable
 index (deterministically, so every rank and every resumed run sees the same substitute) and the
 skipped path is returned with the item so that the training script can count and log it. Problems
-that would make the whole run meaningless (no data, a missing caption, a missing image file) raise
-`ValueError` when the dataset is built, before any training.
+that would make the whole run meaningless (no data, a missing caption, a missing image file, not one
+readable image)
+raise `ValueError` when the dataset is built, before any training.
 
 `stream_keys` is the sampler: one global, seeded order over all samples, shared by every rank.
 """
@@ -45,33 +47,50 @@ def _folder_items(folder):
     return items
 
 
-def _jsonl_items(jsonl):
+JSONL_KEYS = (("file_name", "caption"), ("image", "text"))  # (image path, caption): official, ours
+
+
+def _jsonl_record(line):
+    """(image path, caption) of one JSONL line, in either accepted key pair; KeyError if neither."""
+    record = json.loads(line)
+    for image_key, caption_key in JSONL_KEYS:
+        if image_key in record and caption_key in record:
+            return record[image_key], record[caption_key]
+    raise KeyError(f"keys {sorted(record)}")
+
+
+def _jsonl_items(jsonl, root=None):
+    root = jsonl.parent if root is None else Path(root)
     items, missing = [], []
     for n, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-            image, text = record["image"], record["text"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{jsonl}:{n}: expected a JSON object with keys \"image\" and \"text\" "
-                             f"({e!r}).") from None
-        path = Path(image) if Path(image).is_absolute() else jsonl.parent / image
+            image, text = _jsonl_record(line)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            accepted = " or ".join(f'{{"{i}": path, "{c}": caption}}' for i, c in JSONL_KEYS)
+            raise ValueError(f"{jsonl}:{n}: expected a JSON object {accepted} ({e!r}).") from None
+        path = Path(image) if Path(image).is_absolute() else root / image
         (items if path.exists() else missing).append((str(path), str(text)))
     if missing:
         raise ValueError(f"{jsonl}: {len(missing)} of {len(items) + len(missing)} images do not exist, "
-                         f"e.g. {missing[0][0]}. Relative paths are read from the JSONL's folder; fix "
-                         "the paths or drop those lines.")
+                         f"e.g. {missing[0][0]}. Relative paths are read from {root} (set it with "
+                         "--data-root); fix the paths or drop those lines.")
     return items
 
 
-def list_items(path):
-    """[(image path, caption)] from a folder or a .jsonl file, checked for missing files and captions."""
+def list_items(path, root=None):
+    """[(image path, caption)] from a folder or a .jsonl file (relative paths from `root`, default its
+    folder), checked for missing files and captions."""
     path = Path(path)
+    if root is not None and not (path.is_file() and path.suffix == ".jsonl"):
+        raise ValueError(f"--data-root is for a --data JSONL file, but --data {path} is not one.")
+    if root is not None and not Path(root).is_dir():
+        raise ValueError(f"--data-root {root} is not a folder.")
     if path.is_dir():
         items = _folder_items(path)
     elif path.is_file() and path.suffix == ".jsonl":
-        items = _jsonl_items(path)
+        items = _jsonl_items(path, root)
     else:
         raise ValueError(f"--data {path}: expected a folder of images with .txt captions or a .jsonl "
                          "file, but it " + ("does not exist." if not path.exists() else "is neither."))
@@ -96,9 +115,22 @@ def load_training_image(path, resolution):
 class CaptionDataset(torch.utils.data.Dataset):
     """Indexed by `(index, key)` pairs from `stream_keys`; returns a dict with pixels, caption, key."""
 
-    def __init__(self, path, resolution):
-        self.items = list_items(path)
+    def __init__(self, path, resolution, root=None):
+        self.items = list_items(path, root)
         self.resolution = resolution
+        self._check_one_is_readable()
+
+    def _check_one_is_readable(self):
+        """A ValueError now, not in the training loop, when no image at all can be decoded."""
+        errors = []
+        for path, _ in self.items:  # usually the first one reads: one image decoded
+            try:
+                load_training_image(path, 8)
+                return
+            except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+                errors.append(f"{path}: {e}")
+        raise ValueError(f"none of the {len(self.items)} images can be read, e.g. {errors[0]}. Check the "
+                         "files (corrupt, truncated, not images?).")
 
     def __len__(self):
         return len(self.items)

@@ -19,7 +19,17 @@ Run it:
 Results do not depend on the number of processes: every sample's image, timestep, noise, posterior
 sample and regularizer direction are functions of (seed, its position in the global data stream), and
 the regularizer's running mean `a` is averaged over ranks. So 2 processes x batch 1 give the same LoRA
-as 1 process x batch 2 (up to float summation order). `--resume auto` continues a run exactly.
+as 1 process x batch 2 (up to float summation order). `--resume` (= auto: OUT/state.pt) continues a
+run exactly; it refuses other optimization settings (lr, lambda, batch, seed, ...) unless
+`--resume-override` names them, and then the optimizer uses the new values. SIGTERM / Ctrl-C save a
+checkpoint and exit 143 / 130.
+
+Watching a long run: `--validate-every N --validation-prompts FILE` writes an interpolation strip per
+prompt (fixed noise pairs, `--validation-steps` DDIM steps) to OUT/validation/step-N.png, their ISTD
+and mean adjacent distance to log.jsonl, and all steps stacked to OUT/validation/progress.png (rank 0;
+the training RNG is untouched, so a resume stays exact). `--snapshot-every N` keeps
+OUT/smooth_lora-stepN.safetensors (the newest `--keep-snapshots K`). `--mixed-precision bf16` runs on
+CPU and GPU (frozen weights bf16; LoRA, AdamW state and a stay fp32); fp16 needs CUDA.
 
 Cheaper regularizer variants (not in the paper): `--reg-every k` regularizes every k-th step with the
 loss scaled by k (StyleGAN2's lazy regularization); `--reg-batch-frac f` regularizes only the first
@@ -34,6 +44,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import resource
 import signal
 import sys
@@ -45,6 +56,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from PIL import Image
 from tqdm import tqdm
 
 import ops
@@ -69,10 +81,14 @@ class TrainConfig:
                                "on the toy world")
     tokenizer: str = _option(None, "tokenizer folder (vocab.json + merges.txt); needed when --model is a "
                                    "single file")
-    data: str = _option(None, "folder of images + same-stem .txt captions, or a .jsonl of {image, text}")
+    data: str = _option(None, "folder of images + same-stem .txt captions, or a .jsonl of {file_name, "
+                              "caption} (the official format) or {image, text}")
+    data_root: str = _option(None, "folder that a --data JSONL's relative paths are read from (default: the "
+                                   "JSONL's folder)")
     out: str = _option(None, "output folder (default: out, or runs/toy in the toy world)")
-    resolution: int = _option(512, "images are resized and centre-cropped to this (a multiple of the VAE's "
-                                   "downsampling factor)")
+    device: str = _option(None, "cpu, cuda (cuda:LOCAL_RANK under torchrun); default: cuda if available")
+    resolution: int = _option(512, "images are resized and centre-cropped to this (a multiple of the "
+                                   "model's downsampling: 64 for SD-1.5)")
     batch_size: int = _option(3, "per process and micro-step (paper: 3 per GPU)")
     grad_accum: int = _option(8, "micro-steps per optimizer step (paper: 8; 3 x 4 GPUs x 8 = 96)")
     max_steps: int = _option(30_000, "optimizer steps (paper: 30k)")
@@ -97,10 +113,24 @@ class TrainConfig:
                                          "batch size, not only on the global batch)")
     fd_h: float = _option(1e-2, "fd step, relative to the noise's expected norm sqrt(C*H*W)")
     save_every: int = _option(500, "write the checkpoint every this many steps (and at the end)")
+    snapshot_every: int = _option(0, "also keep OUT/smooth_lora-stepN.safetensors every this many steps "
+                                     "(0: never)")
+    keep_snapshots: int = _option(0, "keep only the newest K snapshots (0: all)")
+    validate_every: int = _option(0, "every this many steps (and at steps 0 and the last), an interpolation "
+                                     "strip per validation prompt in OUT/validation/step-N.png, its ISTD "
+                                     "in log.jsonl, all steps in OUT/validation/progress.png (0: never)")
+    validation_prompts: str = _option(None, "file with one validation prompt per line (few: each costs "
+                                            "11 frames x --validation-steps x 2 UNet passes)")
+    validation_steps: int = _option(10, "DDIM steps of the validation strips (fixed noise pairs, so "
+                                        "strips compare across steps; the paper's ISTD uses 50)")
     seed: int = _option(0, "seeds the LoRA init, the data order and every sample's noise")
-    resume: str = _option(None, 'state.pt to continue from, or "auto" = OUT/state.pt if it exists')
-    mixed_precision: str = _option("no", "frozen weights and autocast in this precision (GPU); the LoRA "
-                                         "stays fp32", choices=("no", "fp16", "bf16"))
+    resume: str = _option(None, 'state.pt to continue from, or "auto" (the default with no value) = '
+                                "OUT/state.pt if it exists", nargs="?", const="auto")
+    resume_override: str = _option(None, "comma-separated settings a --resume may change, e.g. lr,lambda_reg "
+                                         "(without it, a resume with other optimization settings is refused)")
+    mixed_precision: str = _option("no", "frozen weights and autocast in this precision; the LoRA, its "
+                                         "optimizer state and the regularizer stay fp32 (fp16: CUDA only)",
+                                   choices=("no", "fp16", "bf16"))
     num_workers: int = _option(4, "data loader processes per rank")
     gradient_checkpointing: bool = _option(False, "recompute UNet blocks in backward to save memory")
     threads: int = _option(None, "torch CPU threads (default: torch's choice; 1 in the toy world, where a "
@@ -108,12 +138,30 @@ class TrainConfig:
                                  "busy process)")
 
 
+# Settings that change what a run optimizes: a --resume with other values is refused unless overridden.
+OPTIMIZATION_SETTINGS = ("model", "data", "data_root", "resolution", "batch_size", "grad_accum", "lr",
+                         "weight_decay", "rank", "lambda_reg", "reg_every", "reg_decay", "reg_timestep_buckets",
+                         "reg_mode", "reg_batch_frac", "fd_h", "seed", "mixed_precision")
+# The toy world's validation defaults, unless toy.TRAIN_DEFAULTS sets them.
+TOY_VALIDATION = dict(validate_every=50)
+
+
+def toy_defaults():
+    """The values a run without --model uses where no flag is given (toy.TRAIN_DEFAULTS)."""
+    import toy
+
+    return {**TOY_VALIDATION, **toy.TRAIN_DEFAULTS}
+
+
 def build_parser(defaults=None):
     """One flag per TrainConfig field; `defaults` (name -> value) replaces the dataclass defaults."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    toy = toy_defaults()
     for f in dataclasses.fields(TrainConfig):
         flag, extra = "--" + f.name.replace("_", "-"), dict(f.metadata)
+        if f.name in toy:
+            extra["help"] += f"; toy world (no --model): {toy[f.name]}"
         default = f.default if defaults is None else defaults[f.name]
         if f.type in (bool, "bool"):
             p.add_argument(flag, action="store_true", default=default, **extra)
@@ -132,36 +180,79 @@ def parse_args(argv):
     return cfg, set(vars(given.parse_args(argv)))
 
 
-def check_config(cfg):
+def check_config(cfg, device):
     """Errors in flag values, before any data or model is touched."""
     for name in ("batch_size", "grad_accum", "max_steps", "rank", "reg_every", "save_every",
-                 "reg_timestep_buckets"):
+                 "reg_timestep_buckets", "validation_steps", "resolution"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}.")
-    if cfg.resolution % 8:
-        raise ValueError(f"--resolution {cfg.resolution} is not divisible by 8 (the VAE downsamples by "
-                         f"8): use e.g. {max(8, cfg.resolution // 8 * 8)}.")
-    if cfg.seed < 0:
-        raise ValueError(f"--seed must be non-negative, got {cfg.seed}.")
+    for name in ("seed", "snapshot_every", "keep_snapshots", "validate_every", "num_workers"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(cfg, name)}.")
     if not 0 < cfg.reg_decay <= 1:
         raise ValueError(f"--reg-decay must be in (0, 1], got {cfg.reg_decay}.")
     if not 0 < cfg.reg_batch_frac <= 1:
         raise ValueError(f"--reg-batch-frac must be in (0, 1], got {cfg.reg_batch_frac}.")
     if cfg.model is not None and cfg.data is None:
         raise ValueError("--data is required with --model (an image folder or a .jsonl file).")
-    if cfg.mixed_precision != "no" and not torch.cuda.is_available():
-        raise ValueError(f"--mixed-precision {cfg.mixed_precision} needs a CUDA GPU; "
-                         "use --mixed-precision no.")
+    if cfg.model is not None and Path(cfg.model).is_file() and cfg.tokenizer is None:
+        raise ValueError(f"--model {cfg.model} is a single-file checkpoint, and those carry no tokenizer: "
+                         "pass --tokenizer FOLDER, a folder with vocab.json and merges.txt (e.g. SD-1.5's "
+                         "tokenizer/).")
+    if cfg.validate_every and cfg.validation_prompts is None:
+        raise ValueError("--validate-every needs --validation-prompts FILE (one prompt per line).")
+    if cfg.validation_prompts is not None and not Path(cfg.validation_prompts).is_file():
+        raise ValueError(f"--validation-prompts {cfg.validation_prompts} is not a file.")
+    unknown = set(overridden(cfg)) - set(OPTIMIZATION_SETTINGS)
+    if unknown:
+        raise ValueError(f"--resume-override {cfg.resume_override}: {', '.join(sorted(unknown))} is not a "
+                         f"setting a resume checks; those are {', '.join(OPTIMIZATION_SETTINGS)}.")
+    if cfg.mixed_precision == "fp16" and device.type != "cuda":
+        raise ValueError("--mixed-precision fp16 needs a CUDA GPU (CPU autocast has no fp16); use "
+                         "--mixed-precision bf16 or no.")
+
+
+def check_resolution(cfg, sd):
+    """The resolution must pass the VAE's and the UNet's downsamplings of the loaded model."""
+    vae_factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)  # 8 for SD-1.5
+    unet_factor = 2 ** (len(sd.unet.config.block_out_channels) - 1)  # 8 for SD-1.5
+    multiple = vae_factor * unet_factor
+    if cfg.resolution % multiple:
+        raise ValueError(f"--resolution {cfg.resolution} is not a multiple of {multiple} (this model's VAE "
+                         f"downsamples by {vae_factor} and its UNet by {unet_factor}): use e.g. "
+                         f"{max(multiple, round(cfg.resolution / multiple) * multiple)}.")
+    return (sd.unet.config.in_channels, cfg.resolution // vae_factor, cfg.resolution // vae_factor)
+
+
+def resolve_device(cfg, local_rank):
+    """--device, default cuda when available; cuda means cuda:LOCAL_RANK under torchrun."""
+    name = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name} is not a device: use cpu or cuda.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}, but this machine has no usable CUDA GPU "
+                         "(torch.cuda.is_available() is False): use --device cpu, or leave --device out.")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: train.py runs on cpu or cuda.")
+    return torch.device("cuda", local_rank if device.index is None else device.index) \
+        if device.type == "cuda" else device
+
+
+def overridden(cfg):
+    return [name for name in (cfg.resume_override or "").split(",") if name]
 
 
 # ------------------------------------------------------------------------------ the toy world (toy.py)
 
 def use_toy_world(cfg, explicit, master):
-    """No --model: train on the toy world (toy.py), with its smaller defaults unless a flag was given."""
+    """No --model: train on the toy world (toy.py), with its smaller defaults unless a flag was given,
+    and validation strips on 4 of its held-out prompts."""
     import toy
 
     cfg.model = str(ROOT / "assets" / "toy-sd")
-    for name, value in toy.TRAIN_DEFAULTS.items():
+    for name, value in toy_defaults().items():
         if name not in explicit:
             setattr(cfg, name, value)
     if cfg.data is None:
@@ -170,6 +261,13 @@ def use_toy_world(cfg, explicit, master):
             toy.prepare_data(cfg.data)  # writes the images once; a no-op when they are there
     if cfg.out is None:
         cfg.out = str(ROOT / "runs" / "toy")
+    if cfg.validate_every and cfg.validation_prompts is None:
+        cfg.validation_prompts = str(Path(cfg.out) / "validation" / "prompts.txt")
+        if master:
+            every = toy.heldout_prompts()  # spread over the held-out triples, alternating sizes
+            Path(cfg.validation_prompts).parent.mkdir(parents=True, exist_ok=True)
+            Path(cfg.validation_prompts).write_text("".join(every[k * len(every) // 4 + k % 2] + "\n"
+                                                            for k in range(4)))
 
 
 def control_config(cfg):
@@ -300,6 +398,9 @@ def micro_step(cfg, ddp_unet, sd, reg, batch, schedule, regularize, device, auto
 
 # ------------------------------------------------------------------------------ checkpoints
 
+STATE_KEYS = {"lora", "optimizer", "scaler", "regularizer", "step", "samples_seen", "rng", "config", "skipped"}
+
+
 def atomic_save(path, write):
     """write(tmp) then rename: a kill at any moment leaves either the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -326,21 +427,105 @@ def save_checkpoint(out, unet, optimizer, scaler, reg, step, samples_seen, cfg, 
     atomic_save(out / "state.pt", lambda p: torch.save(state, p))
 
 
-def load_checkpoint(path, unet, optimizer, scaler, reg):
-    state = torch.load(path, map_location="cpu", weights_only=True)
+def save_snapshot(out, unet, step, keep):
+    """OUT/smooth_lora-step{N}.safetensors, then the oldest removed beyond the newest `keep` (0: keep all)."""
+    atomic_save(out / f"smooth_lora-step{step}.safetensors", lambda p: lora.save_lora(unet, p, layout="official"))
+    snapshots = sorted(out.glob("smooth_lora-step*.safetensors"), key=lambda p: int(p.stem.split("-step")[1]))
+    for old in snapshots[:-keep] if keep else []:
+        old.unlink()
+
+
+def read_state(path):
+    """state.pt -> dict; ValueError (the file untouched) if it is not a whole train.py checkpoint."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, a hostile pickle: torch raises many types
+        # Not torch's advice to retry with weights_only=False: that would run whatever code a pickle holds.
+        reason = ("the safe loader refused it: not tensors only" if isinstance(e, pickle.UnpicklingError)
+                  else str(e).strip().split(". ")[0][:160])
+        raise ValueError(f"cannot resume from {path}: it is not a readable train.py checkpoint "
+                         f"({type(e).__name__}: {reason}). Truncated or overwritten? Point --resume at "
+                         "another state.pt, or start afresh in a new --out (the file is left as it is).") from None
+    missing = STATE_KEYS - set(state) if isinstance(state, dict) else STATE_KEYS
+    if missing:
+        raise ValueError(f"cannot resume from {path}: it lacks {', '.join(sorted(missing))}; it is not a "
+                         "state.pt written by train.py.")
+    return state
+
+
+def _same_setting(name, saved, now):
+    if name in ("model", "data", "data_root") and saved is not None and now is not None:
+        return Path(saved).resolve() == Path(now).resolve()
+    return saved == now
+
+
+def resume_changes(cfg, saved_config):
+    """{setting: (saved, now)} for the optimization settings that differ; ValueError for those not named
+    by --resume-override (a resume does not silently train something else)."""
+    changes = {name: (saved_config.get(name), getattr(cfg, name)) for name in OPTIMIZATION_SETTINGS
+               if not _same_setting(name, saved_config.get(name), getattr(cfg, name))}
+    refused = {k: v for k, v in changes.items() if k not in overridden(cfg) or k in ("rank", "reg_timestep_buckets")}
+    if refused:
+        listed = "; ".join(f"--{k.replace('_', '-')}: saved {old}, now {new}" for k, (old, new) in refused.items())
+        raise ValueError(f"--resume: the checkpoint was trained with other settings ({listed}). Resume with "
+                         "the saved values, or name the settings to change with --resume-override "
+                         f"{','.join(refused)} (rank and reg_timestep_buckets cannot change: they fix the "
+                         "shapes of the LoRA and of a).")
+    return changes
+
+
+def restore(state, cfg, unet, optimizer, scaler, reg):
+    """Load the LoRA, optimizer, scaler, running mean a and RNG of `state`; the optimizer then uses the
+    current lr and weight decay (equal to the saved ones unless overridden)."""
     params = {k: v for k, v in unet.named_parameters() if v.requires_grad}
-    if set(params) != set(state["lora"]):
-        raise ValueError(f"{path} holds a different LoRA (another --rank or model?): cannot resume.")
+    shapes = {k: tuple(v.shape) for k, v in params.items()}
+    if shapes != {k: tuple(v.shape) for k, v in state["lora"].items()}:
+        raise ValueError("the checkpoint holds a LoRA of other names or shapes (another --rank or model?).")
     with torch.no_grad():
         for k, v in state["lora"].items():
             params[k].copy_(v)
     optimizer.load_state_dict(state["optimizer"])
+    for group in optimizer.param_groups:
+        group.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler.load_state_dict(state["scaler"])
     reg.load_state_dict(state["regularizer"])
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state
+    return state["step"], state["samples_seen"], set(state["skipped"])
+
+
+# ------------------------------------------------------------------------------ validation strips
+
+@torch.no_grad()
+def validate(cfg, sd, schedule, latent_shape, step, out, world, autocast):
+    """Rank 0: one interpolation strip per validation prompt with the current LoRA (the same noise pairs
+    every time) -> {istd, mean_adjacent_distance} (means over prompts); OUT/validation/step-N.png and
+    progress.png. The training RNG is left as it was, so a resumed run stays bit-exact."""
+    prompts = [line.strip() for line in Path(cfg.validation_prompts).read_text().splitlines() if line.strip()]
+    with torch.random.fork_rng(devices=[world.device] if world.device.type == "cuda" else []), autocast():
+        strips = sampler.interpolation_strips(sd.unet, sd.vae, sd.encode_prompt, prompts,
+                                              latent_shape=latent_shape, steps=cfg.validation_steps,
+                                              schedule=schedule, progress=False).float().cpu()
+    folder = out / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    _grid(strips).save(folder / f"step-{step}.png")  # a row per prompt, a column per frame
+    stages = sorted((int(p.stem.split("-")[1]), p) for p in folder.glob("step-*.png"))
+    stages = [Image.open(p).convert("RGB") for n, p in stages if n <= step]  # a resume rewrites later ones
+    progress = Image.new("RGB", (max(im.width for im in stages), sum(im.height + 2 for im in stages)), "white")
+    for k, im in enumerate(stages):
+        progress.paste(im, (0, sum(s.height + 2 for s in stages[:k])))
+    progress.save(folder / "progress.png")
+    # istd and adjacent_distances may move to metrics.py (issue 15); imported from sampler for now.
+    return {"istd": sum(sampler.istd(s) for s in strips) / len(strips),
+            "mean_adjacent_distance": sum(sampler.adjacent_distances(s).mean().item() for s in strips) / len(strips)}
+
+
+def _grid(strips):
+    """[P, F, 3, H, W] in [0, 1] -> one PIL image, P rows of F frames."""
+    p, f, c, h, w = strips.shape
+    grid = strips.permute(0, 3, 1, 4, 2).reshape(p * h, f * w, c)  # [P*H, F*W, 3]
+    return Image.fromarray((grid.clamp(0, 1) * 255).round().to(torch.uint8).numpy())
 
 
 # ------------------------------------------------------------------------------ processes and logs
@@ -359,16 +544,24 @@ class World:
         return self.rank == 0
 
 
-def setup_distributed():
+def process_group_backend(device):
+    """NCCL between GPUs, gloo between CPU processes."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def setup_distributed(cfg):
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python train.py` is a world of one."""
     env = os.environ
     local_rank = int(env.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = resolve_device(cfg, local_rank)
+    except ValueError as e:
+        raise SystemExit(f"train.py: error: {e}")
     world = World(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), local_rank, device, "RANK" in env)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world.distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(process_group_backend(device))
     return world
 
 
@@ -409,8 +602,8 @@ def peak_memory(device):
 
 
 def catch_stop_signals():
-    """SIGTERM / Ctrl-C: finish the step, save, exit. Returns the dict where the signal is recorded."""
-    stop = {"signal": None}
+    """SIGTERM / Ctrl-C: finish the step, save, exit 128 + signal. Returns where the signal is recorded."""
+    stop = {"signal": 0}
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda signum, frame: stop.update(signal=signum))
     return stop
@@ -419,21 +612,31 @@ def catch_stop_signals():
 # ------------------------------------------------------------------------------ the training run
 
 def load_inputs(cfg, world, out):
-    """Everything that can be wrong with the input fails here, before any training -> (dataset, sd,
-    the state.pt to resume from or None)."""
+    """Everything that can be wrong with the input fails here, before anything is written ->
+    (dataset, sd, the state to resume from or None, latent shape)."""
     try:
-        check_config(cfg)
-        dataset = data.CaptionDataset(cfg.data, cfg.resolution)
-        frozen_dtype = dict(no=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)[cfg.mixed_precision]
-        sd = checkpoint.load_models(cfg.model, tokenizer=cfg.tokenizer, device=world.device, dtype=frozen_dtype)
+        check_config(cfg, world.device)
+        resume = out / "state.pt" if cfg.resume == "auto" else cfg.resume and Path(cfg.resume)
+        if resume is not None and not resume.exists():
+            if cfg.resume != "auto":
+                raise ValueError(f"--resume {resume} does not exist.")
+            resume = None  # auto: nothing to continue, start afresh
+        state = None if resume is None else read_state(resume)
+        changes = {} if state is None else resume_changes(cfg, state["config"])
+        dataset = data.CaptionDataset(cfg.data, cfg.resolution, root=cfg.data_root)
+        sd = checkpoint.load_models(cfg.model, tokenizer=cfg.tokenizer, device=world.device,
+                                    dtype=frozen_dtype(cfg))
+        latent_shape = check_resolution(cfg, sd)
     except (ValueError, OSError) as e:
         raise SystemExit(f"train.py: error: {e}")
-    resume = cfg.resume
-    if resume == "auto":
-        resume = out / "state.pt" if (out / "state.pt").exists() else None
-    if resume is not None and not Path(resume).exists():
-        raise SystemExit(f"train.py: error: --resume {resume} does not exist.")
-    return dataset, sd, resume
+    if state is not None and world.master:
+        print(f"resumed from {resume} at step {state['step']}" + "".join(
+            f"; {k} {old} -> {new} (--resume-override)" for k, (old, new) in changes.items()))
+    return dataset, sd, state and dict(state, changes=changes), latent_shape
+
+
+def frozen_dtype(cfg):
+    return dict(no=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)[cfg.mixed_precision]
 
 
 def add_lora(cfg, sd, world, num_train_timesteps):
@@ -466,6 +669,13 @@ def make_loader(cfg, dataset, samples_seen, world):
         pin_memory=world.device.type == "cuda"))
 
 
+def make_autocast(cfg, device):
+    """A function returning the autocast context of --mixed-precision (a no-op for "no")."""
+    if cfg.mixed_precision == "no":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=frozen_dtype(cfg))
+
+
 def accumulate_gradients(cfg, ddp_unet, sd, reg, batches, schedule, regularize, world, autocast, scaler,
                          skipped):
     """grad_accum micro-steps; gradients are all-reduced only on the last -> mean stats over micro-steps
@@ -487,18 +697,31 @@ def accumulate_gradients(cfg, ddp_unet, sd, reg, batches, schedule, regularize, 
 
 
 def reduce_over_ranks(stats, stop, world):
-    """Mean of the step's stats over ranks, and one shared decision to stop (any rank got a signal)."""
-    flags = torch.tensor([float(stop["signal"] is not None)], device=world.device)
+    """Mean of the step's stats over ranks, and one shared decision to stop: the signal any rank got."""
+    signum = torch.tensor([stop["signal"]], device=world.device)
     if world.distributed:
         dist.all_reduce(stats)
         stats /= world.size
-        dist.all_reduce(flags)
-    return stats.tolist(), flags.item() > 0
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+    return stats.tolist(), int(signum.item())
+
+
+def optimizer_step(optimizer, scaler, params, loss):
+    """Clip to norm 1 and step -> the gradient norm, or None (no step) if the loss or gradient is not finite.
+    (With fp16 the scaler skips steps with inf gradients by itself; a non-finite loss still stops.)"""
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
+    if not math.isfinite(loss) or not (math.isfinite(grad_norm) or scaler.is_enabled()):
+        return None
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 @dataclass
 class TrainResult:
-    exit_code: int  # 0: finished or stopped by a signal; 1: a non-finite loss stopped it
+    exit_code: int  # 0: finished; 1: a non-finite loss stopped it; 128 + signal: stopped by SIGTERM/SIGINT
     step: int  # the last optimizer step done
     out: Path
 
@@ -507,32 +730,27 @@ class TrainResult:
         return self.out / "smooth_lora.safetensors"
 
 
+def due(step, every, last):
+    return every > 0 and (step % every == 0 or step == last)
+
+
 def train(cfg, world):
     """One whole training run of `cfg` (a Smooth-LoRA, or with lambda_reg 0 its plain-LoRA control)."""
     out = Path(cfg.out or "out")
-    dataset, sd, resume = load_inputs(cfg, world, out)
+    dataset, sd, state, latent_shape = load_inputs(cfg, world, out)
     schedule = sampler.make_schedule(sd.scheduler_config)
     lora_params, reg, optimizer, scaler = add_lora(cfg, sd, world, schedule.num_train_timesteps)
-    step, samples_seen, skipped = 0, 0, set()
-    if resume is not None:
-        try:
-            state = load_checkpoint(resume, sd.unet, optimizer, scaler, reg)
-        except (ValueError, OSError, KeyError) as e:
-            raise SystemExit(f"train.py: error: cannot resume from {resume}: {e!r}")
-        step, samples_seen, skipped = state["step"], state["samples_seen"], set(state["skipped"])
-        if world.master:
-            print(f"resumed from {resume} at step {step}")
+    step, samples_seen, skipped = (0, 0, set()) if state is None else restore(state, cfg, sd.unet, optimizer,
+                                                                              scaler, reg)
     ddp_unet = DDP(sd.unet, device_ids=[world.local_rank] if world.device.type == "cuda" else None,
                    find_unused_parameters=False) if world.distributed else sd.unet
     autocast = make_autocast(cfg, world.device)
     batches = make_loader(cfg, dataset, samples_seen, world)
     stop = catch_stop_signals()
     if world.master:
-        out.mkdir(parents=True, exist_ok=True)
-        log_path = open_log(out, step if resume is not None else None)
-        print(f"training {sum(p.numel() for p in lora_params):,} LoRA parameters on {world.size} x "
-              f"{world.device.type}, global batch {cfg.batch_size * world.size * cfg.grad_accum}, "
-              f"{len(dataset)} images -> {out}")
+        log_path = start_log(cfg, out, state, world, len(dataset), lora_params)
+        if state is None and cfg.validate_every:  # the base model's strips: where smoothing starts from
+            append_log(log_path, dict(step=0, **validate(cfg, sd, schedule, latent_shape, 0, out, world, autocast)))
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not world.master, dynamic_ncols=True)
     start_step, t0, exit_code = step, time.time(), 0
     while step < cfg.max_steps:
@@ -540,39 +758,39 @@ def train(cfg, world):
         stats = accumulate_gradients(cfg, ddp_unet, sd, reg, batches, schedule, regularize, world, autocast,
                                      scaler, skipped)
         samples_seen += cfg.grad_accum * world.size * cfg.batch_size
-        (loss, loss_base, loss_reg, norm), stopping = reduce_over_ranks(stats, stop, world)
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, 1.0).item()
-        # (With fp16 the scaler skips steps with inf gradients by itself; a non-finite loss still stops.)
-        if not math.isfinite(loss) or not (math.isfinite(grad_norm) or scaler.is_enabled()):
+        (loss, loss_base, loss_reg, norm), stop_signal = reduce_over_ranks(stats, stop, world)
+        grad_norm = optimizer_step(optimizer, scaler, lora_params, loss)
+        if grad_norm is None:
             if world.master:
-                tqdm.write(f"train.py: loss is {loss} at step {step + 1} (base {loss_base}, reg {loss_reg}, "
-                           f"gradient norm {grad_norm}); stopping. The last good checkpoint in {out} is "
-                           "kept; try a lower --lr or --mixed-precision no/bf16.", file=sys.stderr)
+                tqdm.write(f"train.py: loss is {loss} at step {step + 1} (base {loss_base}, reg {loss_reg}); "
+                           f"stopping. The last good checkpoint in {out} is kept; try a lower --lr or "
+                           "--mixed-precision no/bf16.", file=sys.stderr)
             exit_code = 1
             break
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
         a = reg.a.mean().item()  # with timestep buckets: their mean (each bucket in a_per_bucket)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", reg=f"{loss_reg:.3g}", var=f"{norm:.3g}", a=f"{a:.3g}")
         if world.master:
             record = dict(step=step, loss=loss, loss_base=loss_base, loss_reg=loss_reg, var_norm=norm,
-                          a=a, regularized=regularize, grad_norm=grad_norm, lr=cfg.lr,
+                          a=a, regularized=regularize, grad_norm=grad_norm, lr=optimizer.param_groups[0]["lr"],
                           samples_seen=samples_seen, time=round(time.time() - t0, 3))
             if reg.a.ndim:
                 record["a_per_bucket"] = [round(x, 6) for x in reg.a.tolist()]
+            if due(step, cfg.validate_every, cfg.max_steps):
+                record.update(validate(cfg, sd, schedule, latent_shape, step, out, world, autocast))
             append_log(log_path, record)
-        if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
+            if due(step, cfg.snapshot_every, 0):
+                save_snapshot(out, sd.unet, step, cfg.keep_snapshots)
+        if step % cfg.save_every == 0 or step == cfg.max_steps or stop_signal:
             skipped = all_gather_union(skipped, world)
             if world.master:
                 save_checkpoint(out, sd.unet, optimizer, scaler, reg, step, samples_seen, cfg, skipped)
-        if stopping:
+        if stop_signal:
             if world.master:
-                tqdm.write(f"stopped by signal at step {step}; checkpoint saved in {out} "
-                           "(continue with --resume auto)")
+                tqdm.write(f"stopped by signal {stop_signal} at step {step}; checkpoint saved in {out} "
+                           "(continue with --resume)")
+            exit_code = 128 + stop_signal  # 143 for SIGTERM, 130 for Ctrl-C: a scheduler sees "not finished"
             break
     bar.close()
     skipped = all_gather_union(skipped, world)
@@ -582,12 +800,17 @@ def train(cfg, world):
     return TrainResult(exit_code, step, out)
 
 
-def make_autocast(cfg, device):
-    """A function returning the autocast context of --mixed-precision (a no-op for "no")."""
-    if cfg.mixed_precision == "no":
-        return contextlib.nullcontext
-    dtype = dict(fp16=torch.float16, bf16=torch.bfloat16)[cfg.mixed_precision]
-    return lambda: torch.autocast(device.type, dtype=dtype)
+def start_log(cfg, out, state, world, num_images, lora_params):
+    """Rank 0: create OUT and its log.jsonl (trimmed to the checkpoint on a resume, with a record of the
+    overridden settings), and print what is trained."""
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = open_log(out, None if state is None else state["step"])
+    if state is not None and state["changes"]:
+        append_log(log_path, dict(step=state["step"], resume_override={k: list(v) for k, v in state["changes"].items()}))
+    print(f"training {sum(p.numel() for p in lora_params):,} LoRA parameters on {world.size} x "
+          f"{world.device.type}, global batch {cfg.batch_size * world.size * cfg.grad_accum}, "
+          f"{num_images} images -> {out}")
+    return log_path
 
 
 def print_summary(cfg, steps_done, step, elapsed, skipped, world, out):
@@ -600,7 +823,7 @@ def print_summary(cfg, steps_done, step, elapsed, skipped, world, out):
 
 def main(argv=None):
     cfg, explicit = parse_args(argv)
-    world = setup_distributed()
+    world = setup_distributed(cfg)
     # ---- the toy world: no --model trains on toy.py's tiny SD with its defaults, then reports ----
     toy_world = cfg.model is None
     if toy_world:
