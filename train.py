@@ -59,10 +59,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from PIL import Image
 from tqdm import tqdm
 
-import ops
 import checkpoint
 import data
 import lora
+import metrics
+import ops
 import regularizer
 import sampler
 
@@ -273,7 +274,8 @@ def use_toy_world(cfg, explicit, master):
 def control_config(cfg):
     """The lambda-0 control of a toy-world run: the same flags, data, seed and steps, without the
     regularizer, in OUT/control. Fine-tuning alone moves ISTD, so the Smooth-LoRA is judged against it."""
-    return dataclasses.replace(cfg, lambda_reg=0.0, out=str(Path(cfg.out) / "control"), resume=None)
+    return dataclasses.replace(cfg, lambda_reg=0.0, out=str(Path(cfg.out) / "control"), resume=None,
+                               validate_every=0)  # the Smooth-LoRA's run shows the validation strips
 
 
 def finished_run(cfg):
@@ -516,9 +518,8 @@ def validate(cfg, sd, schedule, latent_shape, step, out, world, autocast):
     for k, im in enumerate(stages):
         progress.paste(im, (0, sum(s.height + 2 for s in stages[:k])))
     progress.save(folder / "progress.png")
-    # istd and adjacent_distances may move to metrics.py (issue 15); imported from sampler for now.
-    return {"istd": sum(sampler.istd(s) for s in strips) / len(strips),
-            "mean_adjacent_distance": sum(sampler.adjacent_distances(s).mean().item() for s in strips) / len(strips)}
+    return {"istd": sum(metrics.istd(s) for s in strips) / len(strips),
+            "mean_adjacent_distance": sum(metrics.adjacent_distances(s).mean().item() for s in strips) / len(strips)}
 
 
 def _grid(strips):

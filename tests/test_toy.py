@@ -150,10 +150,10 @@ def test_train_py_without_arguments_trains_control_and_smooth_lora_and_reports_t
     from PIL import Image
     figure = Image.open(tmp_path / "run" / "interpolation_before_after.png")  # 2 strips x 2 models, 4x frames
     assert figure.size[1] == 2 * 2 * 4 * toy.RESOLUTION and figure.size[0] > 11 * 4 * toy.RESOLUTION
-    # The control is the same run with lambda 0: its config differs from the smooth run's only there.
+    # The control is the same run with lambda 0 (and no validation strips): its config differs only there.
     c = torch.load(tmp_path / "run" / "control" / "state.pt", weights_only=True)["config"]
     s = torch.load(tmp_path / "run" / "state.pt", weights_only=True)["config"]
-    assert {k for k in c if c[k] != s[k]} == {"lambda_reg", "out"} and c["lambda_reg"] == 0.0
+    assert {k for k in c if c[k] != s[k]} == {"lambda_reg", "out", "validate_every"} and c["lambda_reg"] == 0.0
 
 
 def test_paired_statistics_of_synthetic_strips_have_the_known_answer():
