@@ -518,8 +518,8 @@ def render_markdown(results):
         + smoothness_table("ISTD and FID-proxy vs fine-tune length", t["length"], results,
                            note="Each length is paired with the control of the same length.")
         + smoothness_table("Seed check: both forms at another training seed", t["seeds"], results,
-                           note="The seed-1 forms are paired with the seed-1 control; the seed-1 control with "
-                                "nothing (its row shows what another seed alone gives).")
+                           note="The seed-1 forms are paired with the seed-1 control. The controls are references: "
+                                "their two ISTDs side by side show how far another seed alone moves it.")
         + figures_text(results) + runs_table(results))
 
 

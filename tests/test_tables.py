@@ -154,6 +154,14 @@ def test_the_estimate_counts_the_runs_steps_and_strips():
     assert e["train_s"] == pytest.approx(0.2 * (4600 + 2 * 10700))
 
 
+def test_plan_prints_every_run_and_the_estimate_and_trains_nothing(capsys, monkeypatch):
+    monkeypatch.setattr(tables, "train_run", None)  # would fail if called
+    assert tables.main(["--plan"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == len(tables.plan_runs(FULL)) + 1 and "ours_steps300 (= ours)" in "\n".join(out)
+    assert out[-1].startswith("17 LoRA runs, 15300 toy steps: ~87 min of training; 4608 strips: ~54 min")
+
+
 def test_edit_targets_change_only_the_shape_colour_and_never_to_the_background():
     for shape, colour, background in toy.triples("all"):
         a = dict(shape=shape, colour=colour, background=background, size="small")
