@@ -8,7 +8,7 @@ The runs (`plan_runs`), every one derived from toy.py, so that changing `toy.OUR
 `toy.TRAIN_DEFAULTS` changes the tables without editing this file:
   * the control (lambda 0: the same fine-tune without the regularizer), the paper's form
     (`toy.PAPER_FORM`) and ours (`toy.OUR_FORM`), at seed 0 and at seed 1 (the seed-1 forms are paired
-    with the seed-1 control);
+    with the seed-1 control, the seed-1 control with the seed-0 one: what another seed alone does);
   * a lambda curve for each form: the paper's form at lambda 0.1, 1, 10, 100; ours at 1/3, 1 and 3 times
     OUR_FORM's lambda;
   * fine-tune length: control, paper's form and ours at max_steps 300, 1000 and 3000, each paired with
@@ -144,7 +144,7 @@ def round_lambda(x):
 def variant(p, form_name, *, control=False, lambda_reg=None, max_steps=None, seed=0):
     """(name, Run) of a form ("paper" or "ours") or, with control=True, of its lambda-0 control, with an
     optional other lambda, fine-tune length (max_steps) or training seed. A form's run is paired with
-    the control of the same length and seed."""
+    the control of the same length and seed, a control at seed s > 0 with the seed-0 control."""
     form = FORMS[form_name]
     if control:
         name, label = control_name(form_name), FORM_LABELS["control"]
@@ -158,7 +158,10 @@ def variant(p, form_name, *, control=False, lambda_reg=None, max_steps=None, see
         name, flags["max_steps"], label = f"{name}_steps{max_steps}", max_steps, f"{label}, {max_steps} steps"
     if seed:
         name, flags["seed"], label = f"{name}_seed{seed}", seed, f"{label}, seed {seed}"
-    paired = None if control else variant(p, form_name, control=True, max_steps=max_steps, seed=seed)[0]
+    if not control:
+        paired = variant(p, form_name, control=True, max_steps=max_steps, seed=seed)[0]
+    else:  # a control at another seed against seed 0's: how far fine-tuning alone moves ISTD (should not hold)
+        paired = variant(p, form_name, control=True, max_steps=max_steps)[0] if seed else None
     return name, Run(flags, paired, label)
 
 
@@ -518,8 +521,8 @@ def render_markdown(results):
         + smoothness_table("ISTD and FID-proxy vs fine-tune length", t["length"], results,
                            note="Each length is paired with the control of the same length.")
         + smoothness_table("Seed check: both forms at another training seed", t["seeds"], results,
-                           note="The seed-1 forms are paired with the seed-1 control. The controls are references: "
-                                "their two ISTDs side by side show how far another seed alone moves it.")
+                           note="The seed-1 forms are paired with the seed-1 control; the seed-1 control with the seed-0 "
+                                "control (how far another training seed alone moves ISTD).")
         + figures_text(results) + runs_table(results))
 
 

@@ -107,6 +107,7 @@ def test_the_plan_derives_every_run_from_toy_defaults_and_the_two_forms():
             assert plan[f"{form}_steps{steps}"].flags == {**plan[form].flags, "max_steps": steps}
             assert plan[f"{form}_steps{steps}"].control == f"control_steps{steps}"
             assert plan[f"control_steps{steps}"].flags["max_steps"] == steps
+    assert plan["control_seed1"].control == "control" and plan["control"].control is None
     assert [plan[f"paper_lambda{x:g}"].flags["lambda_reg"] for x in (0.1, 1, 10, 100)] == [0.1, 1.0, 10.0, 100.0]
     lam = toy.OUR_FORM["lambda_reg"]
     assert [plan[n].flags["lambda_reg"] for n in tables.table_rows(FULL)["lambda"] if n.startswith("ours")] == \
