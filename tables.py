@@ -396,7 +396,8 @@ def summary(name, plan, names, scores, p):
     q = own.get(cell_name(p.quality_cell))
     row = {"label": plan[name].label, "run": names[name], "cells_scored": sorted(own)}
     if q is not None:
-        row.update(istd=q["istd"], istd_se=float(np.std(q["per_strip_istd"], ddof=1) / np.sqrt(len(q["per_strip_istd"]))),
+        per_strip = q["per_strip_istd"]
+        row.update(istd=q["istd"], istd_se=float(np.std(per_strip, ddof=1) / np.sqrt(len(per_strip))),
                    mean_adjacent_distance=q["mean_adjacent_distance"], fid_proxy=q["fid_proxy"],
                    caption_accuracy=q["caption_accuracy"]["caption"])
     control = plan[name].control
@@ -444,7 +445,8 @@ def reconstruction_table(results, names):
     lines = ["### Table 2: reconstruction of real held-out images (DDIM inversion, null-text inversion) "
              "and Eq. 15 edits", "", f"{results.get('reconstruction_s', 0) / 60:.1f} min of scoring, "
              f"{results['protocol']['recon_images']} images, {max(results['protocol']['step_counts'])} DDIM steps.",
-             "", "| model + inversion | MSE ↓ | PSNR ↑ | SSIM ↑ | ΔPSNR vs control (paired) |", "|---|---|---|---|---|"]
+             "", "| model + inversion | MSE ↓ | PSNR ↑ | SSIM ↑ | ΔPSNR vs control (paired) |",
+             "|---|---|---|---|---|"]
     if "vae" in recon:
         v = recon["vae"]
         lines.append(f"| VAE reconstruction (optimum) | {v['mse']:.5f} | {v['psnr']:.2f} | {v['ssim']:.4f} | |")
@@ -500,14 +502,14 @@ def runs_table(results):
 def figures_text(results):
     prompts, figure_rows = results.get("prompts", []), results.get("figure_rows", [])
     labels = [results["rows"].get(n, {}).get("label", n) for n in figure_rows]
+    target = toy.caption({**EDIT_SOURCE, "colour": EDIT_TARGET_COLOUR})
     return ["### Figures", "", "![interpolation strips](interpolation.png)", "",
             f"Interpolation strips of cell {results['quality_cell']} (11 frames, slerp mix 0 to 1), the same noise "
             "pair and prompt for every model in a block; rows " + ", ".join(labels) + "; blocks 1-3 are strips 0-2: " +
             "; ".join(f'{k + 1}: "{prompts[k % len(prompts)]}"' for k in range(min(3, len(prompts)))) + ".", "",
             "![Eq. 15 edit](edit.png)", "",
             f'Eq. 15 edit (r = {results["protocol"]["edit_r"]}): source "{toy.caption(EDIT_SOURCE)}" | its '
-            f'null-text-inversion reconstruction | target "{toy.caption({**EDIT_SOURCE, "colour": EDIT_TARGET_COLOUR})}"'
-            ', one row per model.', ""]
+            f'null-text-inversion reconstruction | target "{target}", one row per model.', ""]
 
 
 def render_markdown(results):
@@ -521,8 +523,8 @@ def render_markdown(results):
         + smoothness_table("ISTD and FID-proxy vs fine-tune length", t["length"], results,
                            note="Each length is paired with the control of the same length.")
         + smoothness_table("Seed check: both forms at another training seed", t["seeds"], results,
-                           note="The seed-1 forms are paired with the seed-1 control; the seed-1 control with the seed-0 "
-                                "control (how far another training seed alone moves ISTD).")
+                           note="The seed-1 forms are paired with the seed-1 control; the seed-1 control with "
+                                "the seed-0 control (how far another training seed alone moves ISTD).")
         + figures_text(results) + runs_table(results))
 
 
@@ -636,7 +638,8 @@ def lora_of(s, name):
                                    "last_50_steps": training_summary(Path(run["lora"]).parent / "log.jsonl")}
         if not run["cached"]:
             s.results["computed"].append(f"train {name}")
-        print(f"[tables] run {name}: " + ("cached" if run["cached"] else f"trained in {run['wall_s']:.0f} s"), flush=True)
+        state = "cached" if run["cached"] else f"trained in {run['wall_s']:.0f} s"
+        print(f"[tables] run {name}: {state}", flush=True)
     return run["lora"], sha256(run["lora"])
 
 

@@ -253,9 +253,11 @@ def test_quick_pipeline_writes_every_table_and_figure_then_reuses_its_cache(tiny
     assert quick_cells == ["A2", "A3", "B2", "B3"]
     for name, row in results["rows"].items():
         cells = results["scores"][names[name]]
-        assert list(cells) == quick_cells and all(len(c["per_strip_istd"]) == tables.QUICK.strips for c in cells.values())
+        assert list(cells) == quick_cells
+        assert all(len(c["per_strip_istd"]) == tables.QUICK.strips for c in cells.values())
         assert np.isfinite(row["istd"]) and np.isfinite(row["fid_proxy"])
-        assert ("istd_vs_control" in row) == (plan[name].control is not None and names[plan[name].control] != names[name])
+        paired = plan[name].control is not None and names[plan[name].control] != names[name]
+        assert ("istd_vs_control" in row) == paired
         if "istd_vs_control" in row:
             assert set(row["istd_vs_control"]) == set(quick_cells) and row["holds"] in (-1, 0, 1)
             ref = results["scores"][names[plan[name].control]]["B3"]["per_strip_istd"]
