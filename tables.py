@@ -1,35 +1,52 @@
-"""The paper's Tables 1-4 in miniature, on the toy world, by one command (Smooth Diffusion, Sec. 4).
+"""The paper's tables in miniature, on the toy world, by one command (Smooth Diffusion, Sec. 4).
 
-    python tables.py            # 17 LoRA runs + every evaluation; 2 CPU cores, under an hour
+    python tables.py            # 17 LoRA runs + every evaluation; 2 idle CPU cores, ~1.5 hours
     python tables.py --quick    # the same pipeline with tiny step counts (a smoke test, minutes)
+    python tables.py --plan     # print the runs, their train.py flags and the time estimate; run nothing
 
-What it does, in order, writing `OUT/results.json` and `OUT/tables.md` after every model it scores:
-  * trains (in a background process, one after another) LoRAs on the tiny base `assets/toy-sd` with
-    `train.py`, every run with the same data, steps and seed (`toy.TRAIN_DEFAULTS`), differing only in
-    the flags of `RUNS`: lambda 0 (the honest control: the same fine-tune without the regularizer),
-    lambda 1 (Smooth-LoRA), lambda 0.1, 10 and 100 (Table 3), rank 4 and 16 (Table 4), the cheaper
-    regularizer variants of train.py (fd, every 4th step, half the batch), a running mean a per
-    tenth of the timesteps at lambda 1, 10, 30 and 100 (not in the paper), and the control, lambda 1
-    and per-t lambda 30 again with another seed (how far fine-tuning alone moves ISTD);
-  * Table 1: ISTD with the paper's protocol (Sec. 4.1) on the 24 held-out prompts
-    (`toy.heldout_prompts()`, = assets/toy-heldout-prompts.txt): strip k uses prompt k mod 24 and the
-    noise pair `sampler.noise_pair(seed + k)`, 11 frames along their slerp, DDIM 50 steps, CFG 7.5.
-    Every model sees the SAME strips, so models are compared by the paired per-strip difference
-    (mean +- standard error). Beside ISTD: the mean adjacent distance (a low ISTD can also be
-    uniformly large jumps), and the quality proxies of toy_metrics on all frames: caption accuracy
-    (CLIP-score proxy) and the Frechet distance of classifier features to real held-out images
-    (FID proxy);
-  * Table 2: reconstruction MSE / PSNR / SSIM of real held-out images through DDIM inversion and
-    null-text inversion, plus the VAE reconstruction (the optimum); and Eq. 15 edits of the same
-    images (shape colour changed) scored by the classifier;
-  * Tables 3, 4 and the cheaper-variant table: ISTD and the proxies against the control;
-  * figures: interpolation strips (the same noise pairs and prompts for every model) and an Eq. 15
-    edit, "a large red circle" -> "a large blue circle".
-LoRA runs and evaluations are cached under `--cache` (keyed by the flags, the training code, the base
-model's and the LoRA's bytes and the protocol), so an interrupted command continues where it stopped when run again.
+The runs (`plan_runs`), every one derived from toy.py, so that changing `toy.OUR_FORM` or
+`toy.TRAIN_DEFAULTS` changes the tables without editing this file:
+  * the control (lambda 0: the same fine-tune without the regularizer), the paper's form
+    (`toy.PAPER_FORM`) and ours (`toy.OUR_FORM`), at seed 0 and at seed 1 (the seed-1 forms are paired
+    with the seed-1 control, the seed-1 control with the seed-0 one: what another seed alone does);
+  * a lambda curve for each form: the paper's form at lambda 0.1, 1, 10, 100; ours at 1/3, 1 and 3 times
+    OUR_FORM's lambda;
+  * fine-tune length: control, paper's form and ours at max_steps 300, 1000 and 3000, each paired with
+    the control of the same length.
+A run's flags are toy.TRAIN_DEFAULTS without OUR_FORM's flags (what every run shares), then the form,
+then the variation. A control gets the form's flags that act without the regularizer (none today: both
+forms differ only in lambda_reg and reg_* flags, so one control serves both). Runs with identical flags
+are trained and scored once (e.g. "paper, lambda 1" is "paper", "ours, 300 steps" is "ours").
+
+The ISTD protocol (issue 11: one set of strips can show an effect another does not): every model is
+scored on TWO DISJOINT sets of noise pairs, set A (seeds 0..63) and set B (seeds 1000..1063), at TWO DDIM
+step counts (25 and 50), CFG 7.5, 11 frames; strip k uses held-out prompt k mod 24 (`toy.heldout_prompts()`)
+and `sampler.noise_pair(set_seed + k)`. Every model sees the same strips as its control, so each of the
+four (set, steps) cells gives a paired difference (mean +- s.e. over 64 strips, `toy_metrics.
+paired_difference`), reported relative to the control's mean ISTD. A claim HOLDS only if the paired
+difference has the same sign and |mean| > 2 s.e. in all four cells (`holds`). Beside ISTD, from set A at
+50 steps: the mean adjacent distance, caption accuracy and the FID-proxy (`toy.score_strips`).
+Table 2 (reconstruction of real held-out images by DDIM inversion and null-text inversion, Eq. 15
+edits) is measured for the base, the control, the paper's form and ours at 50 steps.
+Dropped from the earlier tables (each a full run for a question these tables do not ask): LoRA rank
+4/16 (Table 4), --reg-mode fd, --reg-every 4, --reg-batch-frac 0.5.
+
+Cost of the full command from scratch (`estimate_seconds`, printed by `--plan` for the current toy.py;
+300 toy steps ~60 s at 1 thread on an idle machine, a regularized step ~2x a plain one, 64 strips at 50
+DDIM steps ~1 min and at 25 steps ~0.5 min):
+  * 17 distinct LoRA runs (22 in the plan, 5 of them the same runs under another name) = 15,300 toy steps,
+    4,600 plain and 10,700 regularized: ~87 min of training;
+  * 18 models (the base and the 17 runs) x 4 cells x 64 strips = 4,608 strips of 11 frames, ~3 min per
+    model: ~54 min of sampling;
+  * Table 2: 4 models x 32 images through DDIM inversion and null-text inversion: ~10 min.
+So ~2.5 hours of one core; training runs in a background process beside the scoring, so on 2 idle cores
+the wall time is about the training's ~1.5 hours (longer on a busy machine).
+
+Everything is written to `OUT/results.json` and `OUT/tables.md` after every model it scores. LoRA runs and
+evaluations are cached under `--cache` (keyed by the flags, the training code, the base model's and the
+LoRA's bytes and the protocol), so an interrupted command continues where it stopped when run again.
 """
 import argparse
-import dataclasses
 import hashlib
 import json
 import os
@@ -37,12 +54,11 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 import checkpoint
 import lora
@@ -52,91 +68,160 @@ import toy
 import toy_metrics
 
 ROOT = Path(__file__).resolve().parent
-
-# name -> the train.py flags that differ from toy.TRAIN_DEFAULTS (lambda 1, rank 8, vjp every step).
-RUNS = {
-    "control": dict(lambda_reg=0.0),
-    "smooth": dict(lambda_reg=1.0),
-    # One running mean a per tenth of the timesteps (--reg-timestep-buckets, not in the paper).
-    "ts_lambda30": dict(lambda_reg=30.0, reg_timestep_buckets=10),
-    "lambda10": dict(lambda_reg=10.0),
-    "lambda0.1": dict(lambda_reg=0.1),
-    "lambda100": dict(lambda_reg=100.0),
-    "ts_lambda1": dict(lambda_reg=1.0, reg_timestep_buckets=10),
-    "ts_lambda10": dict(lambda_reg=10.0, reg_timestep_buckets=10),
-    "ts_lambda100": dict(lambda_reg=100.0, reg_timestep_buckets=10),
-    "rank4": dict(lambda_reg=1.0, rank=4),
-    "rank16": dict(lambda_reg=1.0, rank=16),
-    "fd": dict(lambda_reg=1.0, reg_mode="fd"),
-    "every4": dict(lambda_reg=1.0, reg_every=4),
-    "half_batch": dict(lambda_reg=1.0, reg_batch_frac=0.5),
-    "control_seed1": dict(lambda_reg=0.0, seed=1),  # another seed (data order, noises, LoRA init): how much
-    "smooth_seed1": dict(lambda_reg=1.0, seed=1),  # does fine-tuning alone move ISTD?
-    "ts_lambda30_seed1": dict(lambda_reg=30.0, reg_timestep_buckets=10, seed=1),
-}
-# The control each model is paired with (default: "control").
-REFERENCE = {"smooth_seed1": "control_seed1", "ts_lambda30_seed1": "control_seed1"}
-LABELS = {"base": "base (no LoRA)", "control": "LoRA, lambda 0 (control)", "smooth": "Smooth-LoRA, lambda 1",
-          "lambda10": "lambda 10", "lambda0.1": "lambda 0.1", "rank4": "rank 4", "rank16": "rank 16",
-          "fd": "--reg-mode fd", "every4": "--reg-every 4", "half_batch": "--reg-batch-frac 0.5",
-          "control_seed1": "lambda 0, seed 1", "smooth_seed1": "lambda 1, seed 1", "lambda100": "lambda 100",
-          "ts_lambda1": "per-t a, lambda 1", "ts_lambda10": "per-t a, lambda 10",
-          "ts_lambda30": "per-t a, lambda 30", "ts_lambda100": "per-t a, lambda 100",
-          "ts_lambda30_seed1": "per-t a, lambda 30, seed 1"}
-TABLES = {  # table -> the models in its rows (the control is every table's reference)
-    "table1": ["base", "control", "smooth", "ts_lambda30"],
-    "table3": ["control", "lambda0.1", "smooth", "lambda10", "lambda100"],
-    "timestep": ["control", "ts_lambda1", "ts_lambda10", "ts_lambda30", "ts_lambda100"],
-    "table4": ["rank4", "smooth", "rank16"],
-    "variants": ["smooth", "fd", "every4", "half_batch"],
-    "seeds": ["control", "smooth", "ts_lambda30", "control_seed1", "smooth_seed1", "ts_lambda30_seed1"],
-}
-RECONSTRUCTED = ["control", "smooth", "ts_lambda30", "base"]  # Table 2's models, in the order they are scored
-SHORT = {"base": "base", "control": "control (lambda 0)", "smooth": "Smooth-LoRA (lambda 1)",
-         "ts_lambda30": "per-t a, lambda 30"}  # row labels of the figures
-FIGURE_ROWS = ["base", "control", "smooth", "ts_lambda30"]
+TRAINING_CODE = ("train.py", "regularizer.py", "lora.py", "ops.py", "unet.py")
+FORMS = {"paper": toy.PAPER_FORM, "ours": toy.OUR_FORM}
+FORM_LABELS = {"control": "control (lambda 0)", "paper": "paper's form", "ours": "our form"}
 EDIT_SOURCE = dict(shape="circle", colour="red", background="white", size="large", cx=16.0, cy=16.0, r=9.5,
                    colour_rgb=toy.COLOURS["red"], background_rgb=toy.COLOURS["white"])
 EDIT_TARGET_COLOUR = "blue"
-
-
-TRAINING_CODE = ("train.py", "regularizer.py", "lora.py", "ops.py", "unet.py")
+DROPPED = ("LoRA rank 4 and 16 (Table 4), --reg-mode fd, --reg-every 4 and --reg-batch-frac 0.5 (issue 7's "
+           "cheaper variants): each a full run for a question this table set does not ask; "
+           "`git log -- tables.py` has the code that measured them.")
 
 
 @dataclass
 class Protocol:
-    strips: int = 72  # interpolation strips (>= 60): 3 noise pairs for each of the 24 held-out prompts
+    strips: int = 64  # strips per set of noise pairs (>= 64: issue 11)
+    sets: tuple = (0, 1000)  # set A: noise pairs of seeds 0..strips-1, set B: 1000.. (disjoint)
+    step_counts: tuple = (25, 50)  # DDIM steps; the last is the one of Table 2 and of the quality proxies
     frames: int = 11  # mix ratios 0, 0.1, ..., 1 (paper)
-    steps: int = 50  # DDIM steps of sampling and inversion (as toy.report and the paper)
     guidance: float = 7.5  # CFG scale (paper)
-    seed: int = 0  # strip k uses sampler.noise_pair(seed + k)
     real: int = 1000  # real held-out images: the reference set of the FID proxy
     recon_images: int = 32  # real held-out images inverted and reconstructed (Table 2)
     nti_inner_steps: int = 10  # null-text inversion's Adam steps per timestep (published value)
     edit_r: float = 0.8  # Eq. 15 switch point (the official demo's default)
     chunk: int = 12  # strips sampled in one batch
-    train: dict = field(default_factory=dict)  # train.py flags on top of toy.TRAIN_DEFAULTS
+    paper_lambdas: tuple = (0.1, 1.0, 10.0, 100.0)  # the paper's form's lambda curve (Table 3)
+    our_lambda_factors: tuple = (1 / 3, 1.0, 3.0)  # ours: these times OUR_FORM's lambda
+    lengths: tuple = (300, 1000, 3000)  # fine-tune lengths (max_steps)
+    seeds: tuple = (0, 1)  # training seeds of the control and both forms
+    train: dict = field(default_factory=dict)  # train.py flags on top of the common toy.TRAIN_DEFAULTS
+
+    @property
+    def cells(self):
+        """The four (set, steps) cells every comparison is measured in: [("A", 0, 25), ...]."""
+        return [("AB"[i], seed, steps) for i, seed in enumerate(self.sets) for steps in self.step_counts]
+
+    @property
+    def quality_cell(self):
+        """Set A at the most DDIM steps: the cell of the quality proxies and the figures."""
+        return self.cells[len(self.step_counts) - 1]
 
 
-QUICK = Protocol(strips=3, steps=2, real=64, recon_images=2, nti_inner_steps=2,
+QUICK = Protocol(strips=3, step_counts=(2, 3), real=64, recon_images=2, nti_inner_steps=2, lengths=(2, 3, 4),
                  train=dict(max_steps=2, batch_size=2, save_every=2))
 
 
-# -------------------------------------------------------------------------------------- statistics
+# ---------------------------------------------------------------------------------------- the runs
 
-def paired_difference(values, reference):
-    """Mean and standard error of values - reference over paired samples (the same strips)."""
-    a, b = np.asarray(values, dtype=np.float64), np.asarray(reference, dtype=np.float64)
-    if a.ndim != 1 or a.shape != b.shape or len(a) < 2:
-        raise ValueError(f"need two equal-length lists of at least 2 paired values (the same strips or "
-                         f"images for both models), got shapes {a.shape} and {b.shape}.")
-    d = a - b
-    return {"mean": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d))), "n": len(d)}
+@dataclass(frozen=True)
+class Run:
+    flags: dict | None  # every train.py flag of the run; None: the base model (no LoRA)
+    control: str | None  # the run it is paired with; None for a control
+    label: str
 
 
-def mean_se(values):
-    v = np.asarray(values, dtype=np.float64)
-    return {"mean": float(v.mean()), "se": float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0}
+def common_flags(p):
+    """What every run shares: toy.TRAIN_DEFAULTS without OUR_FORM's flags, then the protocol's overrides."""
+    return {**{k: v for k, v in toy.TRAIN_DEFAULTS.items() if k not in toy.OUR_FORM}, **p.train}
+
+
+def acts_without_regularizer(form):
+    """A form's flags that change training even at lambda 0 (not lambda_reg, not the reg_* ones)."""
+    return {k: v for k, v in form.items() if k != "lambda_reg" and not k.startswith("reg_")}
+
+
+def control_name(form_name):
+    """One control for both forms when they train alike at lambda 0, else one per form."""
+    shared = acts_without_regularizer(toy.PAPER_FORM) == acts_without_regularizer(toy.OUR_FORM)
+    return "control" if shared else f"control_{form_name}"
+
+
+def round_lambda(x):
+    return float(f"{x:.6g}")  # 30 / 3 -> 10.0, not 10.000000000000002 on the command line
+
+
+def variant(p, form_name, *, control=False, lambda_reg=None, max_steps=None, seed=0):
+    """(name, Run) of a form ("paper" or "ours") or, with control=True, of its lambda-0 control, with an
+    optional other lambda, fine-tune length (max_steps) or training seed. A form's run is paired with
+    the control of the same length and seed, a control at seed s > 0 with the seed-0 control."""
+    form = FORMS[form_name]
+    if control:
+        name, label = control_name(form_name), FORM_LABELS["control"]
+        flags = {**common_flags(p), **acts_without_regularizer(form), "lambda_reg": 0.0}
+    else:
+        name, flags = form_name, {**common_flags(p), **form}
+        if lambda_reg is not None:
+            name, flags["lambda_reg"] = f"{name}_lambda{lambda_reg:g}", lambda_reg
+        label = f"{FORM_LABELS[form_name]}, lambda {flags['lambda_reg']:g}"
+    if max_steps is not None:
+        name, flags["max_steps"], label = f"{name}_steps{max_steps}", max_steps, f"{label}, {max_steps} steps"
+    if seed:
+        name, flags["seed"], label = f"{name}_seed{seed}", seed, f"{label}, seed {seed}"
+    if not control:
+        paired = variant(p, form_name, control=True, max_steps=max_steps, seed=seed)[0]
+    else:  # a control at another seed against seed 0's: how far fine-tuning alone moves ISTD (should not hold)
+        paired = variant(p, form_name, control=True, max_steps=max_steps)[0] if seed else None
+    return name, Run(flags, paired, label)
+
+
+def plan_runs(p):
+    """Every model of the tables, in the order they are trained and scored: name -> Run. Names may share
+    flags (see `canonical`)."""
+    plan = {"base": Run(None, control_name("ours"), "base (no LoRA)")}
+    for seed in p.seeds:
+        for form in FORMS:
+            plan.update([variant(p, form, control=True, seed=seed), variant(p, form, seed=seed)])
+    our_lambda = toy.OUR_FORM["lambda_reg"]
+    plan.update(variant(p, "paper", lambda_reg=round_lambda(lam)) for lam in p.paper_lambdas)
+    plan.update(variant(p, "ours", lambda_reg=round_lambda(f * our_lambda)) for f in p.our_lambda_factors)
+    for steps in p.lengths:
+        for form in FORMS:
+            plan.update([variant(p, form, control=True, max_steps=steps), variant(p, form, max_steps=steps)])
+    return plan
+
+
+def canonical(plan):
+    """name -> the first name in the plan with the same flags: runs that are the same are done once."""
+    first = {}
+    for name, run in plan.items():
+        first.setdefault(json.dumps(run.flags, sort_keys=True) if run.flags else name, name)
+    return {name: first[json.dumps(run.flags, sort_keys=True) if run.flags else name]
+            for name, run in plan.items()}
+
+
+def table_rows(p):
+    """Table -> the plan names in its rows (before aliasing)."""
+    controls = list(dict.fromkeys(control_name(f) for f in FORMS))
+    lam = toy.OUR_FORM["lambda_reg"]
+    return {
+        "table1": ["base", *controls, *FORMS],
+        "lambda": [*controls, *(f"paper_lambda{round_lambda(x):g}" for x in p.paper_lambdas),
+                   *(f"ours_lambda{round_lambda(f * lam):g}" for f in p.our_lambda_factors)],
+        "length": [f"{n}_steps{s}" for s in p.lengths for n in (*controls, *FORMS)],
+        "seeds": [n + suffix for suffix in ("", "_seed1") for n in (*controls, *FORMS)],
+        "reconstruction": [*controls, *FORMS, "base"],
+    }
+
+
+def train_flags(flags):
+    """train.py's command-line flags of a flag dict."""
+    return [s for k, v in flags.items() for s in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def estimate_seconds(p, plan, step_s=0.2, reg_factor=2.0, strip_step_s=60 / (64 * 50), recon_s=150):
+    """The full command's cost from scratch: training (300 toy steps ~60 s at 1 thread, a regularized step
+    ~reg_factor x a plain one), sampling (64 strips at 50 DDIM steps ~1 min) and Table 2 (~recon_s per
+    model). Returns {"runs", "train_steps", "train_s", "strips", "score_s", "recon_s"}."""
+    names = canonical(plan)
+    runs = [plan[n] for n in dict.fromkeys(names.values()) if plan[n].flags is not None]
+    steps = [(r.flags["max_steps"], r.flags["lambda_reg"] > 0) for r in runs]
+    models = len(set(names.values()))
+    strips = models * len(p.cells) * p.strips
+    return {"runs": len(runs), "train_steps": sum(s for s, _ in steps),
+            "train_s": sum(s * step_s * (reg_factor if reg else 1.0) for s, reg in steps),
+            "strips": strips, "score_s": models * p.strips * len(p.sets) * sum(p.step_counts) * strip_step_s,
+            "recon_s": len(table_rows(p)["reconstruction"]) * recon_s}
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -145,21 +230,15 @@ def sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def train_flags(name, overrides=None):
-    """The train.py flags of a run: toy.TRAIN_DEFAULTS, then the protocol's overrides, then RUNS[name]."""
-    flags = {**toy.TRAIN_DEFAULTS, **(overrides or {}), **RUNS[name]}
-    return [s for k, v in flags.items() for s in (f"--{k.replace('_', '-')}", str(v))]
-
-
-def train_run(name, model, data, cache, overrides=None, threads=1):
+def train_run(name, flags, model, data, cache, threads=1):
     """Train one LoRA with train.py in a subprocess, or reuse it: a run is cached when its
     smooth_lora.safetensors exists and was made by the same flags, from the same base UNet, by the same
     training code (TRAINING_CODE).
     Returns {"lora", "wall_s" (of the subprocess), "train_loop_s" (train.py's own clock), "cached"}."""
     out = Path(cache) / name
-    args = ["--model", str(model), "--data", str(data), "--out", str(out), *train_flags(name, overrides)]
+    args = ["--model", str(model), "--data", str(data), "--out", str(out), *train_flags(flags)]
     key = {"args": args, "base_unet": sha256(Path(model) / "unet" / "diffusion_pytorch_model.safetensors"),
-           "code": {f: sha256(ROOT / f) for f in TRAINING_CODE}}  # a changed training step retrains
+           "code": {f: sha256(ROOT / f) for f in TRAINING_CODE if (ROOT / f).is_file()}}
     record_path = out / "tables_run.json"
     if (out / "smooth_lora.safetensors").is_file() and record_path.is_file():
         record = json.loads(record_path.read_text())
@@ -186,7 +265,7 @@ def training_summary(log_path, last=50):
     """Means over a run's last `last` steps (log.jsonl): the denoising loss, the regularizer's loss, the
     variation norm of Eq. 10 and its running mean a; how large the penalty is beside the MSE."""
     steps = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line][-last:]
-    regularized = [s for s in steps if s["regularized"]]  # lambda 0 never, --reg-every k every k-th step
+    regularized = [s for s in steps if s["regularized"]]  # lambda 0 never
     return {"loss_base": float(np.mean([s["loss_base"] for s in steps])),
             **{k: float(np.mean([s[k] for s in regularized])) if regularized else None
                for k in ("loss_reg", "var_norm", "a")}}
@@ -208,26 +287,14 @@ def latent_shape(models):
     return (models.unet.config.in_channels, models.unet.config.sample_size, models.unet.config.sample_size)
 
 
-def sample_strips(models, prompts, p):
-    """The frames of every strip, [strips, frames, 3, H, W] in [0, 1]: strip k is
+def sample_strips(models, prompts, p, *, seed, steps):
+    """The frames of every strip of one cell, [strips, frames, 3, H, W] in [0, 1]: strip k is
     sampler.interpolation_strips' strip for prompt k mod len(prompts) and noise pair seed + k."""
     return sampler.interpolation_strips(models.unet, models.vae, models.encode_prompt,
                                         [prompts[k % len(prompts)] for k in range(p.strips)],
-                                        latent_shape=latent_shape(models), frames=p.frames, steps=p.steps,
-                                        guidance=p.guidance, seed=p.seed, batch=p.chunk, progress=False,
+                                        latent_shape=latent_shape(models), frames=p.frames, steps=steps,
+                                        guidance=p.guidance, seed=seed, batch=p.chunk, progress=False,
                                         schedule=sampler.make_schedule(models.scheduler_config))
-
-
-def score_strips(strips, prompts, real_features):
-    """ISTD and the quality proxies of sampled strips [S, frames, 3, H, W] (prompt k mod len(prompts))."""
-    S, F = strips.shape[:2]
-    frames = strips.flatten(0, 1)
-    captions = [prompts[k % len(prompts)] for k in range(S) for _ in range(F)]
-    return {"per_strip_istd": [metrics.istd(s) for s in strips],
-            "per_strip_mean_adjacent_distance": [metrics.adjacent_distances(s).mean().item() for s in strips],
-            "caption_accuracy": toy.caption_accuracy(frames, captions),
-            "frechet_distance": toy_metrics.frechet_distance(toy_metrics.features(frames, toy.load_classifier()),
-                                                             real_features)}
 
 
 def edit_target(attributes):
@@ -240,7 +307,8 @@ def edit_target(attributes):
 
 
 def reconstruct(models, images01, captions, targets, p):
-    """DDIM-inversion and null-text-inversion reconstructions, and Eq. 15 edits from the NTI inversion.
+    """DDIM-inversion and null-text-inversion reconstructions, and Eq. 15 edits from the NTI inversion,
+    at the protocol's largest step count.
 
     Each image gets its own null embeddings: the batch's nulls form one [B, 77, D] tensor, and since
     the NTI loss is a sum of per-image terms and Adam acts element-wise, this is B independent
@@ -253,7 +321,7 @@ def reconstruct(models, images01, captions, targets, p):
     with torch.no_grad():
         cond, cond_target = models.encode_prompt(captions), models.encode_prompt(targets)
         uncond = models.encode_prompt([""])
-    kw = dict(steps=p.steps, schedule=schedule, progress=False)
+    kw = dict(steps=max(p.step_counts), schedule=schedule, progress=False)
     x_T = sampler.ddim_invert(unet, latents, cond, **kw)  # Eq. 4
     ddim = sampler.ddim_sample(unet, x_T, cond, uncond, guidance=p.guidance, **kw)
     x_T, nulls = sampler.null_text_invert(unet, latents, cond, uncond.expand(B, -1, -1).clone(),
@@ -271,7 +339,7 @@ def image_metrics(x, y):
 def recon_inputs(p):
     """The Table 2 images: the Eq. 15 figure's red circle first, then `recon_images` real held-out images
     (only these are scored). Returns (images01, captions, edit targets)."""
-    images, attributes = toy.make_images(p.recon_images, seed=p.seed + 11, split="heldout")
+    images, attributes = toy.make_images(p.recon_images, seed=11, split="heldout")
     images = np.concatenate([toy.draw(EDIT_SOURCE)[None], images])
     captions = [toy.caption(EDIT_SOURCE)] + [toy.caption(a) for a in attributes]
     targets = [toy.caption({**EDIT_SOURCE, "colour": EDIT_TARGET_COLOUR})] + [edit_target(a) for a in attributes]
@@ -292,176 +360,194 @@ def cached(path, key, compute):
     return result, tensors
 
 
+# -------------------------------------------------------------------------------------- statistics
+
+def cell_name(cell):
+    set_name, _, steps = cell
+    return f"{set_name}{steps}"  # "A25", "A50", "B25", "B50"
+
+
+def holds(diffs):
+    """The rule of issue 11: +1 (or -1) when every paired difference is positive (negative) and larger
+    than 2 standard errors, else 0. `diffs`: toy_metrics.paired_difference dicts, one per cell."""
+    if not diffs:
+        return 0
+    signs = {int(np.sign(d["mean"])) for d in diffs}
+    if len(signs) != 1 or not all(abs(d["mean"]) > 2 * d["se"] for d in diffs):
+        return 0
+    return signs.pop()
+
+
+def compare(scores, control_scores, cells):
+    """One model against its control, cell by cell: the paired ISTD difference per cell (relative to the
+    control's mean, with the s.e. relative too) and whether it holds in all of them (None: a cell pending)."""
+    diffs = {}
+    for cell in map(cell_name, cells):
+        if cell in scores and cell in control_scores:
+            d = toy_metrics.paired_difference(scores[cell]["per_strip_istd"], control_scores[cell]["per_strip_istd"])
+            diffs[cell] = {**d, "relative_se": d["se"] / float(np.mean(control_scores[cell]["per_strip_istd"]))}
+    return {"istd_vs_control": diffs, "holds": holds(list(diffs.values())) if len(diffs) == len(cells) else None}
+
+
+def summary(name, plan, names, scores, p):
+    """One table row's numbers: the quality cell's means, and the paired differences to its control in
+    every cell. `names` maps a plan name to the run that was trained and scored (see `canonical`)."""
+    own = scores.get(names[name], {})
+    q = own.get(cell_name(p.quality_cell))
+    row = {"label": plan[name].label, "run": names[name], "cells_scored": sorted(own)}
+    if q is not None:
+        per_strip = q["per_strip_istd"]
+        row.update(istd=q["istd"], istd_se=float(np.std(per_strip, ddof=1) / np.sqrt(len(per_strip))),
+                   mean_adjacent_distance=q["mean_adjacent_distance"], fid_proxy=q["fid_proxy"],
+                   caption_accuracy=q["caption_accuracy"]["caption"])
+    control = plan[name].control
+    if control is not None and names[control] != names[name]:
+        row.update(reference=names[control], **compare(own, scores.get(names[control], {}), p.cells))
+    return row
+
+
 # ------------------------------------------------------------------------------------- the tables
 
 def fmt(x, digits=3):
     return "–" if x is None else f"{x:.{digits}f}"
 
 
-def fmt_diff(d, digits=3):
-    if d is None:
-        return "–"
-    return f"{d['mean']:+.{digits}f} ± {d['se']:.{digits}f} ({100 * d['relative']:+.0f}%)"
+def fmt_relative(d):
+    return "–" if d is None else f"{100 * d['relative']:+.0f}% ± {100 * d['relative_se']:.0f}%"
 
 
-def summary(name, scores, runs):
-    """One table row's numbers: the model's means, and its paired differences to its control."""
-    s, control = scores.get(name), scores.get(REFERENCE.get(name, "control"))
-    if s is None:
-        return None
-    row = {"istd": float(np.mean(s["per_strip_istd"])),
-           "istd_se": mean_se(s["per_strip_istd"])["se"],
-           "mean_adjacent_distance": float(np.mean(s["per_strip_mean_adjacent_distance"])),
-           "fid_proxy": s["frechet_distance"], "caption_accuracy": s["caption_accuracy"]["caption"],
-           "eval_s": s.get("eval_s"), "train_s": runs.get(name, {}).get("wall_s")}
-    if control is not None and control is not s:
-        row["istd_vs_control"] = paired_difference(s["per_strip_istd"], control["per_strip_istd"])
-        row["istd_vs_control"]["relative"] = row["istd_vs_control"]["mean"] / float(np.mean(control["per_strip_istd"]))
-        row["reference"] = REFERENCE.get(name, "control")
-        row["mean_adjacent_distance_vs_control"] = paired_difference(
-            s["per_strip_mean_adjacent_distance"], control["per_strip_mean_adjacent_distance"])
-    return row
+HOLDS = {1: "yes: higher", -1: "yes: lower", 0: "no", None: "pending"}
 
 
-def render_markdown(results):
-    """tables.md from results.json's dict: one markdown table per paper table, with the command and runtime."""
-    rows, recon, runs = results["rows"], results.get("reconstruction", {}), results.get("runs", {})
-    command = results["command"]
-    measured = sum(r.get("wall_s") or 0 for r in runs.values()) + results.get("reconstruction_s", 0) + \
-        sum((r or {}).get("eval_s") or 0 for r in rows.values())
-    lines = [f"Regenerate everything: `{command}` (LoRA runs and scores are cached under "
-             f"`{results['cache']}`; a second run reuses them). Protocol: {results['protocol_text']}. "
-             f"Measured times, summed over every LoRA run and every scoring: {measured / 60:.1f} min on a "
-             f"shared 2-core CPU (training runs in a second process beside the scoring, so the wall time "
-             f"from scratch is less); the invocation that wrote this file took {results['total_s'] / 60:.1f} min "
-             f"and computed {len(results.get('computed', []))} of these (LoRA runs and scorings), reading the "
-             f"rest from the cache.",
-             ""]
+def smoothness_table(title, names, results, note=None):
+    """A markdown table of ISTD against the control in the four cells, the rule, and the quality proxies."""
+    rows, cells, quality = results["rows"], results["cells"], results["quality_cell"]
+    head = ["model", f"ISTD ↓ ({quality})", *(f"ΔISTD {c} (paired)" for c in cells), "holds in all 4 cells",
+            f"mean adjacent distance ({quality})", f"FID-proxy ↓ ({quality})", f"caption accuracy ↑ ({quality})"]
+    out = [f"### {title}", ""] + ([note, ""] if note else []) + \
+          ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in names:
+        r = rows.get(name)
+        if r is None or "istd" not in r:
+            out.append(f"| {r['label'] if r else name} | " + " | ".join(["pending"] * (len(head) - 1)) + " |")
+            continue
+        diffs = r.get("istd_vs_control")
+        deltas = ["(reference)"] * len(cells) if diffs is None else [fmt_relative(diffs.get(c)) for c in cells]
+        out.append("| " + " | ".join([r["label"], f"{r['istd']:.3f} ± {r['istd_se']:.3f}", *deltas,
+                                      "" if diffs is None else HOLDS[r["holds"]], fmt(r["mean_adjacent_distance"]),
+                                      fmt(r["fid_proxy"], 2), fmt(r["caption_accuracy"])]) + " |")
+    return out + [""]
 
-    def runtime(names):
-        seconds = sum((rows.get(n) or {}).get("eval_s") or 0 for n in names)
-        seconds += sum(runs.get(n, {}).get("wall_s") or 0 for n in names)
-        return f"{seconds / 60:.1f} min"
 
-    def smooth_table(title, names, extra=None):
-        head = ["model", "ISTD ↓", "ΔISTD vs control (paired, ± s.e.)", "mean adjacent distance",
-                "FID-proxy ↓", "caption accuracy ↑"] + ([extra[0]] if extra else [])
-        out = [f"### {title}", "", f"`{command}` — train + score time of these rows: {runtime(names)}", "",
-               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for n in names:
-            r = rows.get(n)
-            if r is None:
-                out.append(f"| {LABELS[n]} | " + " | ".join(["pending"] * (len(head) - 1)) + " |")
-                continue
-            cells = [LABELS[n], f"{r['istd']:.3f} ± {r['istd_se']:.3f}",
-                     "(reference)" if n == "control" else fmt_diff(r.get("istd_vs_control")),
-                     fmt(r["mean_adjacent_distance"]), fmt(r["fid_proxy"], 2), fmt(r["caption_accuracy"])]
-            if extra:
-                cells.append(extra[1](n))
-            out.append("| " + " | ".join(cells) + " |")
-        return out + [""]
-
-    def train_time(n):
-        r = runs.get(n)
-        return "–" if r is None else f"{r['wall_s']:.0f} s"
-
-    lines += smooth_table("Table 1: smoothness (ISTD) and quality proxies", TABLES["table1"])
-    lines += ["### Table 2: reconstruction of real held-out images (DDIM inversion, null-text inversion) "
-              "and Eq. 15 edits", "",
-              f"`{command}` — {results.get('reconstruction_s', 0) / 60:.1f} min of scoring", "",
-              "| model + inversion | MSE ↓ | PSNR ↑ | SSIM ↑ | ΔPSNR vs control (paired) |",
-              "|---|---|---|---|---|"]
+def reconstruction_table(results, names):
+    """Table 2: MSE / PSNR / SSIM of DDIM inversion and NTI, the VAE's optimum, and the Eq. 15 edits."""
+    recon, labels = results.get("reconstruction", {}), {n: results["rows"].get(n, {}).get("label", n) for n in names}
+    lines = ["### Table 2: reconstruction of real held-out images (DDIM inversion, null-text inversion) "
+             "and Eq. 15 edits", "", f"{results.get('reconstruction_s', 0) / 60:.1f} min of scoring, "
+             f"{results['protocol']['recon_images']} images, {max(results['protocol']['step_counts'])} DDIM steps.",
+             "", "| model + inversion | MSE ↓ | PSNR ↑ | SSIM ↑ | ΔPSNR vs control (paired) |",
+             "|---|---|---|---|---|"]
     if "vae" in recon:
         v = recon["vae"]
         lines.append(f"| VAE reconstruction (optimum) | {v['mse']:.5f} | {v['psnr']:.2f} | {v['ssim']:.4f} | |")
     for inversion in ("ddim", "nti"):
-        for n in RECONSTRUCTED:
+        for n in names:
             r = recon.get(n, {}).get(inversion)
             if r is None:
-                lines.append(f"| {LABELS[n]} + {inversion.upper()} | pending | pending | pending | |")
+                lines.append(f"| {labels[n]} + {inversion.upper()} | pending | pending | pending | |")
                 continue
             d = r.get("psnr_vs_control")
             delta = "" if d is None else f"{d['mean']:+.2f} ± {d['se']:.2f} dB"
-            lines.append(f"| {LABELS[n]} + {inversion.upper()} | {r['mse']:.5f} | {r['psnr']:.2f} | "
+            lines.append(f"| {labels[n]} + {inversion.upper()} | {r['mse']:.5f} | {r['psnr']:.2f} | "
                          f"{r['ssim']:.4f} | {delta} |")
     lines += ["", "| model | Eq. 15 edit: target colour seen ↑ | all target attributes seen ↑ |", "|---|---|---|"]
-    for n in RECONSTRUCTED:
-        e = recon.get(n, {}).get("edit")
-        if e is not None:
-            lines.append(f"| {LABELS[n]} | {e['colour']:.3f} | {e['caption']:.3f} |")
-    lines.append("")
-    lines += smooth_table("Table 3: regularization ratio lambda", TABLES["table3"])
-    lines += smooth_table("Per-timestep running mean a (--reg-timestep-buckets 10; not in the paper)",
-                          TABLES["timestep"])
-    lines[-1:-1] = ["Eq. 9 with one running mean a per tenth of the timesteps, so that the penalty evens out "
-                    "the norm across noises and directions at each t instead of fighting its growth with t."]
-    lines += smooth_table("Table 4: LoRA rank (lambda 1)", TABLES["table4"])
-    lines += smooth_table("Cheaper regularizer variants (lambda 1; issue 7)", TABLES["variants"],
-                          extra=("train wall time", train_time))
-    lines += smooth_table("Seed check: the same two runs with another seed", TABLES["seeds"])
-    lines[-1:-1] = ["lambda 0, seed 1 is paired with the seed-0 control (what fine-tuning alone does to ISTD); "
-                    "the other seed-1 rows with lambda 0, seed 1 (the regularizer's effect at another seed)."]
-    prompts = results.get("prompts", [])
-    lines += ["### Figures", "",
-              "![interpolation strips](interpolation.png)", "",
-              "Interpolation strips (11 frames, slerp mix 0 to 1), the same noise pair and prompt for every "
-              "model in a block; rows " + ", ".join(SHORT[n] for n in FIGURE_ROWS) +
-              "; blocks 1-3 are strips 0-2 of Table 1: " +
-              "; ".join(f'{k + 1}: "{prompts[k % len(prompts)]}"' for k in range(min(3, len(prompts)))) + ".", "",
-              "![Eq. 15 edit](edit.png)", "",
-              f'Eq. 15 edit (r = {results.get("protocol", {}).get("edit_r", 0.8)}): source '
-              f'"{toy.caption(EDIT_SOURCE)}" | its null-text-inversion reconstruction | target '
-              f'"{toy.caption({**EDIT_SOURCE, "colour": EDIT_TARGET_COLOUR})}", one row per model.', ""]
-    lines += ["### The LoRA runs", "", "Means over the last 50 training steps (train.py's log.jsonl); wall "
-              "time of the train.py process, start-up included.", "",
-              "| run | wall time | denoising loss | regularizer loss (Eq. 9) | variation norm (Eq. 10) "
-              "| running mean a |",
-              "|---|---|---|---|---|---|"]
-    for n, r in runs.items():
+    lines += [f"| {labels[n]} | {recon[n]['edit']['colour']:.3f} | {recon[n]['edit']['caption']:.3f} |"
+              for n in names if "edit" in recon.get(n, {})]
+    return lines + [""]
+
+
+def header(results):
+    """The paragraph above the tables: the command, the protocol, the rule and the times."""
+    runs, rows = results.get("runs", {}), results["rows"]
+    measured = sum(r.get("wall_s") or 0 for r in runs.values()) + results.get("reconstruction_s", 0) + \
+        results.get("scoring_s", 0)
+    return [f"Regenerate everything: `{results['command']}` (LoRA runs and scores are cached under "
+            f"`{results['cache']}`; a second run reuses them). Protocol: {results['protocol_text']}",
+            "",
+            f"Every ΔISTD is the paired per-strip difference to the model's control (same strips), relative to "
+            f"the control's mean ISTD, ± its standard error, in each cell ({', '.join(results['cells'])}: set A "
+            f"or B of noise pairs, DDIM steps). A claim **holds** only if the difference has the same sign and "
+            f"|mean| > 2 s.e. in all four cells. The other columns are from cell {results['quality_cell']}.",
+            "",
+            f"Measured times, summed over every LoRA run and every scoring: {measured / 60:.1f} min on a shared "
+            f"2-core CPU (training runs in a second process beside the scoring); the invocation that wrote "
+            f"this file took {results['total_s'] / 60:.1f} min and computed {len(results.get('computed', []))} "
+            f"of them, reading the rest from the cache. {len(rows)} rows, {len(runs)} distinct LoRA runs.",
+            "", f"Dropped from the earlier tables: {DROPPED}", ""]
+
+
+def runs_table(results):
+    lines = ["### The LoRA runs", "", "Means over the last 50 training steps (train.py's log.jsonl); wall "
+             "time of the train.py process, start-up included.", "",
+             "| run | flags (besides the common ones) | wall time | denoising loss | regularizer loss (Eq. 9) "
+             "| variation norm (Eq. 10) | running mean a |", "|---|---|---|---|---|---|---|"]
+    for n, r in results.get("runs", {}).items():
         t = r.get("last_50_steps", {})
-        lines.append(f"| {LABELS[n]} | {r['wall_s']:.0f} s | " +
+        own = " ".join(f"{k}={v}" for k, v in r.get("flags", {}).items() if results["common"].get(k) != v)
+        lines.append(f"| {n} | {own} | {r['wall_s']:.0f} s | " +
                      " | ".join(fmt(t.get(k), 4) for k in ("loss_base", "loss_reg", "var_norm", "a")) + " |")
-    lines.append("")
-    return "\n".join(lines)
+    return lines + [""]
+
+
+def figures_text(results):
+    prompts, figure_rows = results.get("prompts", []), results.get("figure_rows", [])
+    labels = [results["rows"].get(n, {}).get("label", n) for n in figure_rows]
+    target = toy.caption({**EDIT_SOURCE, "colour": EDIT_TARGET_COLOUR})
+    return ["### Figures", "", "![interpolation strips](interpolation.png)", "",
+            f"Interpolation strips of cell {results['quality_cell']} (11 frames, slerp mix 0 to 1), the same noise "
+            "pair and prompt for every model in a block; rows " + ", ".join(labels) + "; blocks 1-3 are strips 0-2: " +
+            "; ".join(f'{k + 1}: "{prompts[k % len(prompts)]}"' for k in range(min(3, len(prompts)))) + ".", "",
+            "![Eq. 15 edit](edit.png)", "",
+            f'Eq. 15 edit (r = {results["protocol"]["edit_r"]}): source "{toy.caption(EDIT_SOURCE)}" | its '
+            f'null-text-inversion reconstruction | target "{target}", one row per model.', ""]
+
+
+def render_markdown(results):
+    """tables.md from results.json's dict."""
+    t = results["tables"]
+    return "\n".join(
+        header(results)
+        + smoothness_table("Table 1: smoothness (ISTD) and quality proxies", t["table1"], results)
+        + reconstruction_table(results, t["reconstruction"])
+        + smoothness_table("Table 3: regularization ratio lambda, for each form", t["lambda"], results)
+        + smoothness_table("ISTD and FID-proxy vs fine-tune length", t["length"], results,
+                           note="Each length is paired with the control of the same length.")
+        + smoothness_table("Seed check: both forms at another training seed", t["seeds"], results,
+                           note="The seed-1 forms are paired with the seed-1 control; the seed-1 control with "
+                                "the seed-0 control (how far another training seed alone moves ISTD).")
+        + figures_text(results) + runs_table(results))
 
 
 # -------------------------------------------------------------------------------------- figures
 
-def _labelled_grid(rows, scale=2, label_width=150):
-    """rows: [(label, images [N, 3, H, W] in [0, 1])] -> one PIL image, a text label left of each row."""
-    strips = [np.concatenate(list((im.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)), axis=1)
-              for _, im in rows]
-    h, w = strips[0].shape[0] * scale, max(s.shape[1] for s in strips) * scale
-    canvas = Image.new("RGB", (label_width + w, h * len(rows)), (255, 255, 255))
-    pen = ImageDraw.Draw(canvas)
-    for i, ((label, _), strip) in enumerate(zip(rows, strips)):
-        image = Image.fromarray(strip).resize((strip.shape[1] * scale, h), Image.NEAREST)
-        canvas.paste(image, (label_width, i * h))
-        pen.text((4, i * h + h // 2 - 6), label, fill=(0, 0, 0))
-    return canvas
-
-
-def save_figures(out, strips, edits):
-    """interpolation.png: the first strips of each Table 1 model (same noises and prompt per block);
+def save_figures(out, strips, edits, figure_rows, labels):
+    """interpolation.png: the first strips of each figure model (same noises and prompt per block);
     edit.png: source | NTI reconstruction | Eq. 15 edit, per model."""
-    written = []
-    names = [n for n in FIGURE_ROWS if n in strips]
+    names = [n for n in figure_rows if n in strips]
     if names:
-        rows = [(f"{k + 1}: {SHORT[n]}", strips[n][k]) for k in range(min(3, len(strips[names[0]]))) for n in names]
-        _labelled_grid(rows).quantize(256).save(out / "interpolation.png")  # a palette PNG: small
-        written.append(out / "interpolation.png")
+        rows = [(f"{k + 1}: {labels[n]}", strips[n][k]) for k in range(min(3, len(strips[names[0]]))) for n in names]
+        toy.labelled_grid(rows).quantize(256).save(out / "interpolation.png")  # a palette PNG: small
     if edits:
-        rows = [(SHORT[n], torch.stack([e["source"], e["nti"], e["edit"]])) for n, e in edits.items()]
-        _labelled_grid(rows, scale=4).quantize(256).save(out / "edit.png")
-        written.append(out / "edit.png")
-    return written
+        rows = [(labels[n], torch.stack([e["source"], e["nti"], e["edit"]])) for n, e in edits.items()]
+        toy.labelled_grid(rows, scale=4).quantize(256).save(out / "edit.png")
 
 
 # ------------------------------------------------------------------------------------------- main
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="tables.py", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny step counts: a smoke test of the pipeline")
+    parser.add_argument("--plan", action="store_true", help="print the runs, their flags and the time estimate")
     parser.add_argument("--out", default=None, help="tables and figures (default: assets/tables, "
                         "or runs/tables_quick/out with --quick)")
     parser.add_argument("--cache", default=None, help="LoRA runs and scores (default: runs/tables, "
@@ -470,112 +556,182 @@ def main(argv=None):
     parser.add_argument("--data", default=str(ROOT / "data" / "toy"), help="training images (toy.prepare_data)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, here and in each train.py")
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}.")
+    return args
+
+
+def print_plan(p, plan):
+    names = canonical(plan)
+    for name, run in plan.items():
+        same = "" if names[name] == name else f" (= {names[name]})"
+        flags = "" if run.flags is None else " ".join(train_flags(run.flags))
+        print(f"{name}{same}: {run.label}; paired with {run.control}; {flags}")
+    e = estimate_seconds(p, plan)
+    print(f"{e['runs']} LoRA runs, {e['train_steps']} toy steps: ~{e['train_s'] / 60:.0f} min of training; "
+          f"{e['strips']} strips: ~{e['score_s'] / 60:.0f} min of sampling; Table 2: ~{e['recon_s'] / 60:.0f} min")
+
+
+@dataclass
+class Session:
+    """What one invocation holds: its arguments, the plan, the scoring inputs and the results so far."""
+    args: argparse.Namespace
+    p: Protocol
+    out: Path
+    cache: Path
+    plan: dict
+    names: dict
+    results: dict
+    strips: dict = field(default_factory=dict)  # name -> the first 3 strips of the quality cell (figures)
+    edits: dict = field(default_factory=dict)  # name -> the Eq. 15 figure's images
+    futures: dict = field(default_factory=dict)  # run -> its training (a background thread's future)
+    t_start: float = field(default_factory=time.time)
+
+
+def start(args):
+    """The session: protocol, plan, output folders and the results' fixed part."""
     p = QUICK if args.quick else Protocol()
     cache = Path(args.cache or ("runs/tables_quick" if args.quick else "runs/tables"))
     out = Path(args.out or (cache / "out" if args.quick else ROOT / "assets" / "tables"))
+    plan = plan_runs(p)
+    prompts = toy.heldout_prompts()
+    cells = [cell_name(c) for c in p.cells]
+    results = {
+        "command": "python tables.py" + (" --quick" if args.quick else ""), "cache": str(cache),
+        "protocol": asdict(p), "prompts": prompts, "cells": cells, "quality_cell": cell_name(p.quality_cell),
+        "common": common_flags(p), "tables": table_rows(p), "figure_rows": table_rows(p)["table1"],
+        "protocol_text": f"{p.strips} interpolation strips per set of noise pairs (strip k: held-out prompt k mod "
+                         f"{len(prompts)}, noise pair of seed set + k; sets {', '.join(map(str, p.sets))}), "
+                         f"{p.frames} frames, DDIM {' and '.join(map(str, p.step_counts))} steps, CFG {p.guidance}; "
+                         f"FID-proxy against {p.real} real held-out images, all frames; {p.recon_images} real held-out "
+                         f"images reconstructed. LoRA runs: toy.TRAIN_DEFAULTS {toy.TRAIN_DEFAULTS}"
+                         + (f" with {p.train}" if p.train else "") + f"; paper's form {toy.PAPER_FORM}, ours "
+                         f"{toy.OUR_FORM}.",
+        "runs": {}, "scores": {}, "rows": {}, "reconstruction": {}, "total_s": 0.0, "computed": []}
+    return Session(args, p, out, cache, plan, canonical(plan), results)
+
+
+def write(s):
+    r = s.results
+    r["rows"] = {n: summary(n, s.plan, s.names, r["scores"], s.p) for n in s.plan}
+    control = r["reconstruction"].get(s.names[control_name("ours")])
+    for name, rec in r["reconstruction"].items():
+        if name != "vae" and control is not None and rec is not control:
+            for inv in ("ddim", "nti"):
+                rec[inv]["psnr_vs_control"] = toy_metrics.paired_difference(rec[inv]["per_image"]["psnr"],
+                                                                            control[inv]["per_image"]["psnr"])
+    r["scoring_s"] = sum(c.get("eval_s", 0) for m in r["scores"].values() for c in m.values())
+    r["reconstruction_s"] = sum(x.get("eval_s", 0) for x in r["reconstruction"].values())
+    r["total_s"] = time.time() - s.t_start
+    (s.out / "results.json").write_text(json.dumps(r, indent=1))
+    (s.out / "tables.md").write_text(render_markdown(r))
+    save_figures(s.out, s.strips, s.edits, r["figure_rows"], {n: s.plan[n].label for n in s.plan})
+
+
+def lora_of(s, name):
+    """The LoRA file of a run (waiting for its training) and the key of its bytes; (None, "none") for the base."""
+    if s.plan[name].flags is None:
+        return None, "none"
+    run = s.futures[name].result()
+    if name not in s.results["runs"]:
+        s.results["runs"][name] = {**run, "flags": s.plan[name].flags,
+                                   "last_50_steps": training_summary(Path(run["lora"]).parent / "log.jsonl")}
+        if not run["cached"]:
+            s.results["computed"].append(f"train {name}")
+        state = "cached" if run["cached"] else f"trained in {run['wall_s']:.0f} s"
+        print(f"[tables] run {name}: {state}", flush=True)
+    return run["lora"], sha256(run["lora"])
+
+
+def score_cells(s, name, models, key, real_features):
+    """ISTD and the proxies of one model in every cell (each cached on its own)."""
+    s.results["scores"].setdefault(name, {})
+    for cell in s.p.cells:
+        _, seed, steps = cell
+
+        def compute():
+            t0 = time.time()
+            s.results["computed"].append(f"score {name} {cell_name(cell)}")
+            strips = sample_strips(models, s.results["prompts"], s.p, seed=seed, steps=steps)
+            return {**toy.score_strips(strips, s.results["prompts"], real_features),
+                    "eval_s": round(time.time() - t0, 1)}, strips[:3].clone()
+
+        cell_key = {**key, "cell": [seed, steps]}
+        score, first = cached(s.cache / name / f"scores_{cell_name(cell)}.json", cell_key, compute)
+        s.results["scores"][name][cell_name(cell)] = score
+        if cell == s.p.quality_cell:
+            s.strips[name] = first
+        print(f"[tables] {name} {cell_name(cell)}: ISTD {score['istd']:.4f} ({score['eval_s']:.0f} s)", flush=True)
+
+
+def reconstruct_model(s, name, models, key, inputs):
+    """Table 2's numbers of one model (cached), and its Eq. 15 figure images."""
+    images, captions, targets = inputs
+    scored = slice(1, None)  # image 0 is the edit figure's source, not a held-out image
+
+    def compute():
+        t0 = time.time()
+        s.results["computed"].append(f"reconstruct {name}")
+        r = reconstruct(models, images, captions, targets, s.p)
+        result = {inv: {"per_image": image_metrics(r[inv][scored], images[scored])} for inv in ("ddim", "nti")}
+        for inv in result:
+            result[inv].update({k: float(np.mean(v)) for k, v in result[inv]["per_image"].items()})
+        acc = toy.caption_accuracy(r["edit"][scored], targets[scored])
+        result["edit"] = {"caption": acc["caption"], "colour": acc["colour"]}
+        result["eval_s"] = round(time.time() - t0, 1)
+        return result, {"source": images[0], "nti": r["nti"][0], "edit": r["edit"][0]}
+
+    s.results["reconstruction"][name], s.edits[name] = cached(s.cache / name / "reconstruction.json", key, compute)
+    r = s.results["reconstruction"][name]
+    print(f"[tables] {name}: reconstruction PSNR DDIM {r['ddim']['psnr']:.2f}, NTI {r['nti']['psnr']:.2f}", flush=True)
+
+
+def vae_optimum(s, inputs):
+    """The VAE's own reconstruction of Table 2's images: what no inversion can beat."""
+    vae = load(s.args.model).vae
+    images = inputs[0]
+    m = image_metrics(sampler.decode_latents(vae, sampler.encode_images(vae, images))[1:], images[1:])
+    s.results["reconstruction"]["vae"] = {k: float(np.mean(v)) for k, v in m.items()}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.plan:
+        p = QUICK if args.quick else Protocol()
+        print_plan(p, plan_runs(p))
+        return 0
     if not (Path(args.model) / "model_index.json").is_file():
         raise SystemExit(f"tables.py: error: no model at {args.model}; build it with `python toy.py pretrain`.")
     torch.set_num_threads(args.threads)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
-    command = "python tables.py" + (" --quick" if args.quick else "")
+    s = start(args)
+    s.out.mkdir(parents=True, exist_ok=True)
     toy.prepare_data(args.data)
-    prompts = toy.heldout_prompts()
+    runs = [n for n in dict.fromkeys(s.names.values()) if s.plan[n].flags is not None]
+    pool = ThreadPoolExecutor(max_workers=1)  # training, one run after another, beside the scoring
+    s.futures = {n: pool.submit(train_run, n, s.plan[n].flags, args.model, args.data, s.cache, args.threads)
+                 for n in runs}
+    real_images, _ = toy.make_images(s.p.real, seed=7, split="heldout")
+    real_features = toy_metrics.features(toy_metrics.images01(real_images), toy.load_classifier())
     base_key = [sha256(Path(args.model) / "unet" / "diffusion_pytorch_model.safetensors"),
                 sha256(toy_metrics.CLASSIFIER_PATH)]  # the scores depend on the measuring classifier too
-    protocol = {k: v for k, v in dataclasses.asdict(p).items() if k != "chunk"}
-    results = {"command": command, "cache": str(cache), "protocol": protocol, "prompts": prompts,
-               "protocol_text": f"{p.strips} interpolation strips (strip k: held-out prompt k mod {len(prompts)}, "
-                                f"noise pair seed {p.seed} + k), {p.frames} frames, DDIM {p.steps} steps, "
-                                f"CFG {p.guidance}, "
-                                f"FID-proxy against {p.real} real held-out images, all frames; "
-                                f"{p.recon_images} real held-out images reconstructed; LoRA runs: "
-                                f"toy.TRAIN_DEFAULTS {toy.TRAIN_DEFAULTS}" + (f" with {p.train}" if p.train else ""),
-               "runs": {}, "scores": {}, "rows": {}, "reconstruction": {}, "total_s": 0.0, "computed": []}
-
-    def write():
-        results["rows"] = {n: summary(n, results["scores"], results["runs"]) for n in LABELS
-                           if n in results["scores"]}
-        for n, r in results["reconstruction"].items():
-            if n not in ("vae", "control") and "control" in results["reconstruction"]:
-                for inv in ("ddim", "nti"):
-                    r[inv]["psnr_vs_control"] = paired_difference(
-                        r[inv]["per_image"]["psnr"], results["reconstruction"]["control"][inv]["per_image"]["psnr"])
-        results["total_s"] = time.time() - t_start
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-        (out / "tables.md").write_text(render_markdown(results))
-
-    # Training runs one after another in a background process while this one scores what is ready.
-    pool = ThreadPoolExecutor(max_workers=1)
-    futures = {n: pool.submit(train_run, n, args.model, args.data, cache, p.train, args.threads) for n in RUNS}
-
-    real_images, _ = toy.make_images(p.real, seed=p.seed + 7, split="heldout")
-    real_features = toy_metrics.features(toy_metrics.images01(real_images), toy.load_classifier())
-    strips, edits = {}, {}
-    recon_images, captions, targets = recon_inputs(p)
-    scored = slice(1, None)  # image 0 is the edit figure's source, not a held-out image
-
-    def lora_of(name):
-        if name == "base":
-            return None, "none"
-        run = futures[name].result()  # waits for its training
-        if name not in results["runs"]:
-            results["runs"][name] = {**run, "last_50_steps": training_summary(Path(run["lora"]).parent / "log.jsonl")}
-            if not run["cached"]:
-                results["computed"].append(f"train {name}")
-            state = "cached" if run["cached"] else "trained in %.0f s" % run["wall_s"]
-            print(f"[tables] run {name}: {state}", flush=True)
-        return run["lora"], sha256(run["lora"])
-
-    vae = load(args.model).vae
-    vae_recon = sampler.decode_latents(vae, sampler.encode_images(vae, recon_images))
-    m = image_metrics(vae_recon[scored], recon_images[scored])
-    results["reconstruction"]["vae"] = {k: float(np.mean(v)) for k, v in m.items()}
-
-    def score(name, models, key):
-        def compute():
-            t0 = time.time()
-            results["computed"].append(f"score {name}")
-            s = sample_strips(models, prompts, p)
-            return {**score_strips(s, prompts, real_features), "eval_s": round(time.time() - t0, 1)}, s[:3].clone()
-
-        results["scores"][name], strips[name] = cached(cache / name / "scores.json", key, compute)
-        print(f"[tables] {name}: ISTD {np.mean(results['scores'][name]['per_strip_istd']):.4f} "
-              f"({results['scores'][name]['eval_s']:.0f} s)", flush=True)
-
-    def reconstruction(name, models, key):
-        def compute():
-            t0 = time.time()
-            results["computed"].append(f"reconstruct {name}")
-            r = reconstruct(models, recon_images, captions, targets, p)
-            result = {inv: {"per_image": image_metrics(r[inv][scored], recon_images[scored])}
-                      for inv in ("ddim", "nti")}
-            for inv in result:
-                result[inv].update({k: float(np.mean(v)) for k, v in result[inv]["per_image"].items()})
-            acc = toy.caption_accuracy(r["edit"][scored], targets[scored])
-            result["edit"] = {"caption": acc["caption"], "colour": acc["colour"]}
-            result["eval_s"] = round(time.time() - t0, 1)
-            return result, {"source": recon_images[0], "nti": r["nti"][0], "edit": r["edit"][0]}
-
-        results["reconstruction"][name], edits[name] = cached(cache / name / "reconstruction.json", key, compute)
-        results["reconstruction_s"] = sum(r.get("eval_s", 0) for r in results["reconstruction"].values())
-        r = results["reconstruction"][name]
-        print(f"[tables] {name}: reconstruction PSNR DDIM {r['ddim']['psnr']:.2f}, NTI {r['nti']['psnr']:.2f}",
-              flush=True)
-
-    # Table 1 and 2 first (the paper's claim), then the ablations; the base's reconstruction last.
-    first = ["control", "smooth", "ts_lambda30"]
-    todo = [(score, "base")] + [(task, n) for n in first for task in (score, reconstruction)] + \
-           [(score, n) for n in RUNS if n not in first] + [(reconstruction, "base")]
-    for task, name in todo:
-        lora_path, lora_key = lora_of(name)
-        task(name, load(args.model, lora_path), {"protocol": protocol, "base": base_key, "lora": lora_key})
-        write()
-        save_figures(out, strips, edits)
+    inputs = recon_inputs(s.p)
+    vae_optimum(s, inputs)
+    protocol = {k: v for k, v in s.results["protocol"].items() if k in ("strips", "frames", "guidance", "real")}
+    recon_protocol = {k: s.results["protocol"][k] for k in ("recon_images", "nti_inner_steps", "edit_r", "guidance")}
+    recon_protocol["steps"] = max(s.p.step_counts)
+    reconstructed = {s.names[n] for n in s.results["tables"]["reconstruction"]}
+    for name in ["base", *runs]:
+        lora_path, lora_key = lora_of(s, name)
+        models = load(args.model, lora_path)
+        score_cells(s, name, models, {"protocol": protocol, "base": base_key, "lora": lora_key}, real_features)
+        if name in reconstructed:
+            reconstruct_model(s, name, models, {"protocol": recon_protocol, "base": base_key, "lora": lora_key},
+                              inputs)
+        write(s)
     pool.shutdown()
-    write()
-    print(f"[tables] wrote {out / 'tables.md'}, {out / 'results.json'} and the figures in "
-          f"{time.time() - t_start:.0f} s", flush=True)
+    write(s)
+    print(f"[tables] wrote {s.out / 'tables.md'}, {s.out / 'results.json'} and the figures in "
+          f"{time.time() - s.t_start:.0f} s", flush=True)
     return 0
 
 

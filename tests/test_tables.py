@@ -1,7 +1,6 @@
-"""tables.py: the statistics, the run flags, batched ISTD against sampler.evaluate_istd, the markdown, and
-the whole --quick pipeline on a tiny random SD (training stubbed; one real train.py run checks the
-subprocess and its cache)."""
-import dataclasses
+"""tables.py: the paired statistics and the "holds in all four cells" rule on synthetic numbers, the run
+flags derived from toy.py, the strips of a cell, the markdown, and the whole --quick pipeline on a tiny
+random SD (training stubbed; one real train.py run checks the subprocess and its cache)."""
 import json
 
 import numpy as np
@@ -16,30 +15,152 @@ import toy
 import train
 from conftest import perturb_
 
-
-def test_paired_difference_is_the_mean_and_standard_error_of_the_differences():
-    d = tables.paired_difference([3.0, 5.0, 7.0], [1.0, 2.0, 3.0])  # differences 2, 3, 4
-    assert d["n"] == 3 and d["mean"] == pytest.approx(3.0)
-    assert d["se"] == pytest.approx(1.0 / np.sqrt(3))  # sample std 1 over sqrt(3)
-    # Pairing matters: a shift common to both sides cancels, however spread the values are.
-    shifted = tables.paired_difference([10.0, -50.0, 80.0, 3.0], [9.0, -51.0, 79.0, 2.0])
-    assert shifted["mean"] == pytest.approx(1.0) and shifted["se"] == pytest.approx(0.0, abs=1e-12)
-    with pytest.raises(ValueError, match="paired"):
-        tables.paired_difference([1.0, 2.0], [1.0, 2.0, 3.0])
+FULL = tables.Protocol()
+CELLS = [tables.cell_name(c) for c in FULL.cells]
 
 
-@pytest.mark.parametrize("name", list(tables.RUNS))
-def test_every_run_is_the_toy_defaults_plus_only_its_own_flags(name):
-    cfg, _ = train.parse_args(["--model", "m", "--data", "d", "--out", "o", *tables.train_flags(name)])
-    expected = {**toy.TRAIN_DEFAULTS, **tables.RUNS[name]}
-    for field, value in expected.items():
-        assert getattr(cfg, field) == value, field
-    # Everything else (seed, steps, data order, weight decay, ...) is train.py's default, hence shared.
-    default = train.TrainConfig()
-    others = [f.name for f in dataclasses.fields(cfg) if f.name not in {*expected, "model", "data", "out"}]
-    assert "weight_decay" in others and "lr" not in others
-    for field in others:
-        assert getattr(cfg, field) == getattr(default, field), field
+# ------------------------------------------------------------------------------- the statistics
+
+def test_the_four_cells_are_two_disjoint_sets_of_noise_pairs_at_two_step_counts():
+    assert CELLS == ["A25", "A50", "B25", "B50"] and tables.cell_name(FULL.quality_cell) == "A50"
+    a, b = (set(range(seed, seed + FULL.strips)) for seed in FULL.sets)
+    assert FULL.strips >= 64 and not a & b
+
+
+def cell_scores(per_cell):
+    return {cell: {"per_strip_istd": list(v)} for cell, v in per_cell.items()}
+
+
+def test_compare_is_the_paired_difference_per_cell_relative_to_the_controls_mean():
+    control = {c: np.array([1.0, 2.0, 3.0, 2.0]) + i for i, c in enumerate(CELLS)}
+    shift = np.array([-0.2, -0.3, -0.4, -0.3])  # mean -0.3, sample std sqrt(0.02 / 3)
+    model = {c: control[c] + shift for c in CELLS}
+    result = tables.compare(cell_scores(model), cell_scores(control), FULL.cells)
+    se = np.sqrt(0.02 / 3) / 2
+    for i, c in enumerate(CELLS):
+        d = result["istd_vs_control"][c]
+        assert d["n"] == 4 and d["mean"] == pytest.approx(-0.3) and d["se"] == pytest.approx(se)
+        assert d["relative"] == pytest.approx(-0.3 / (2.0 + i)) and d["relative_se"] == pytest.approx(se / (2.0 + i))
+    assert result["holds"] == -1  # |-0.3| > 2 x 0.041 in every cell
+    # A shift common to both models cancels however spread the strips are: pairing matters.
+    wide = {c: np.array([10.0, -50.0, 80.0, 3.0]) for c in CELLS}
+    result = tables.compare(cell_scores({c: wide[c] + 1.0 for c in CELLS}), cell_scores(wide), FULL.cells)
+    assert all(d["mean"] == pytest.approx(1.0) and d["se"] == pytest.approx(0, abs=1e-12)
+               for d in result["istd_vs_control"].values())
+    assert result["holds"] == 1
+    # A cell not yet scored: the rule is pending, not decided on three cells.
+    partial = tables.compare(cell_scores({c: model[c] for c in CELLS[:3]}), cell_scores(control), FULL.cells)
+    assert len(partial["istd_vs_control"]) == 3 and partial["holds"] is None
+
+
+def diff(mean, se):
+    return {"mean": mean, "se": se}
+
+
+@pytest.mark.parametrize("diffs, expected", [
+    ([diff(-0.3, 0.1)] * 4, -1),  # lower everywhere, 3 s.e.
+    ([diff(0.3, 0.1)] * 4, 1),  # higher everywhere
+    ([diff(-0.3, 0.1)] * 3 + [diff(-0.19, 0.1)], 0),  # one cell under 2 s.e.: no claim
+    ([diff(-0.3, 0.1)] * 3 + [diff(-0.21, 0.1)], -1),  # just over 2 s.e. in the weakest cell
+    ([diff(-0.3, 0.1)] * 3 + [diff(0.3, 0.1)], 0),  # significant both ways: no claim
+    ([diff(-0.2, 0.1)] * 4, 0),  # exactly 2 s.e. is not more than 2 s.e.
+    ([], 0),
+])
+def test_a_claim_holds_only_with_one_sign_and_more_than_two_standard_errors_in_every_cell(diffs, expected):
+    assert tables.holds(diffs) == expected
+
+
+def test_holds_on_synthetic_strips_where_one_set_shows_an_effect_and_the_other_does_not():
+    """Issue 11's trap: an effect in set A only must not be reported as holding."""
+    rng = np.random.default_rng(0)
+    control = {c: rng.uniform(1, 2, 64) for c in CELLS}
+    effect = {c: (-0.2 if c.startswith("A") else 0.0) + rng.normal(0, 0.05, 64) for c in CELLS}
+    result = tables.compare(cell_scores({c: control[c] + effect[c] for c in CELLS}), cell_scores(control), FULL.cells)
+    assert result["istd_vs_control"]["A50"]["mean"] < -5 * result["istd_vs_control"]["A50"]["se"]
+    assert result["holds"] == 0
+    everywhere = {c: control[c] - 0.2 + rng.normal(0, 0.05, 64) for c in CELLS}
+    assert tables.compare(cell_scores(everywhere), cell_scores(control), FULL.cells)["holds"] == -1
+
+
+# ------------------------------------------------------------------------------------- the runs
+
+def parsed(flags):
+    cfg, _ = train.parse_args(["--model", "m", "--data", "d", "--out", "o", *tables.train_flags(flags)])
+    return cfg
+
+
+def test_the_plan_derives_every_run_from_toy_defaults_and_the_two_forms():
+    plan = tables.plan_runs(FULL)
+    common = {k: v for k, v in toy.TRAIN_DEFAULTS.items() if k not in toy.OUR_FORM}
+    assert plan["ours"].flags == toy.TRAIN_DEFAULTS == {**common, **toy.OUR_FORM}  # the main job's run
+    assert plan["paper"].flags == {**common, **toy.PAPER_FORM}
+    # Both forms differ only in lambda and reg_* flags, inert at lambda 0: one control, trained as
+    # train.control_config trains the main job's (TRAIN_DEFAULTS at lambda 0) up to those inert flags.
+    assert plan["control"].flags == {**common, "lambda_reg": 0.0}
+    assert {k: v for k, v in toy.TRAIN_DEFAULTS.items() if k not in plan["control"].flags} == \
+        {k: v for k, v in toy.OUR_FORM.items() if k.startswith("reg_")}
+    assert plan["paper"].control == plan["ours"].control == plan["base"].control == "control"
+    for form in ("paper", "ours"):
+        assert plan[f"{form}_seed1"].flags == {**plan[form].flags, "seed": 1}
+        assert plan[f"{form}_seed1"].control == "control_seed1"
+        for steps in FULL.lengths:
+            assert plan[f"{form}_steps{steps}"].flags == {**plan[form].flags, "max_steps": steps}
+            assert plan[f"{form}_steps{steps}"].control == f"control_steps{steps}"
+            assert plan[f"control_steps{steps}"].flags["max_steps"] == steps
+    assert plan["control_seed1"].control == "control" and plan["control"].control is None
+    assert [plan[f"paper_lambda{x:g}"].flags["lambda_reg"] for x in (0.1, 1, 10, 100)] == [0.1, 1.0, 10.0, 100.0]
+    lam = toy.OUR_FORM["lambda_reg"]
+    assert [plan[n].flags["lambda_reg"] for n in tables.table_rows(FULL)["lambda"] if n.startswith("ours")] == \
+        pytest.approx([lam / 3, lam, 3 * lam])
+    names = tables.canonical(plan)  # the same flags: trained and scored once
+    assert names["ours_steps300"] == "ours" and names["paper_lambda1"] == "paper" and names["paper_seed1"] != "paper"
+    assert len(set(names.values())) == 18  # the base and 17 LoRA runs
+    for table in tables.table_rows(FULL).values():
+        assert set(table) <= set(plan)
+
+
+@pytest.mark.parametrize("name", list(tables.plan_runs(FULL))[1:])
+def test_train_py_parses_every_runs_flags_to_exactly_those_values(name):
+    flags = tables.plan_runs(FULL)[name].flags
+    cfg = parsed(flags)
+    for key, value in flags.items():
+        assert getattr(cfg, key) == value, key
+    default = train.TrainConfig()  # everything else is train.py's default, hence shared by every run
+    assert cfg.weight_decay == default.weight_decay and cfg.seed == flags.get("seed", default.seed) == \
+        (1 if name.endswith("seed1") else 0)
+
+
+def test_changing_our_form_in_toy_changes_the_runs_without_editing_tables(monkeypatch):
+    our_form = dict(lambda_reg=12.0, reg_normalize="none", reg_timestep_buckets=10, lr=3e-3)
+    monkeypatch.setattr(toy, "OUR_FORM", our_form)
+    monkeypatch.setattr(toy, "TRAIN_DEFAULTS", {**toy.TRAIN_DEFAULTS, **our_form})
+    monkeypatch.setitem(tables.FORMS, "ours", our_form)
+    plan = tables.plan_runs(FULL)
+    assert plan["ours"].flags["lambda_reg"] == 12.0 and plan["ours"].flags["lr"] == 3e-3
+    assert {"ours_lambda4", "ours_lambda12", "ours_lambda36"} <= set(plan)
+    # lr acts without the regularizer: each form now gets its own control, trained like it.
+    assert plan["ours"].control == "control_ours" and plan["paper"].control == "control_paper"
+    assert plan["control_ours"].flags["lr"] == 3e-3 and plan["control_ours"].flags["lambda_reg"] == 0.0
+    # A flag that OUR_FORM sets and PAPER_FORM does not is train.py's default in the paper's runs (and
+    # their control): a form is all its flags say, nothing inherited from the other form.
+    assert "lr" not in plan["paper"].flags and "lr" not in plan["control_paper"].flags
+    assert plan["paper"].flags == {**plan["control_paper"].flags, **toy.PAPER_FORM}
+
+
+def test_the_estimate_counts_the_runs_steps_and_strips():
+    e = tables.estimate_seconds(FULL, tables.plan_runs(FULL))
+    assert e["runs"] == 17 and e["strips"] == 18 * 4 * 64
+    # 3 runs x 2 seeds, 3 + 2 more lambdas at 300 steps; 3 runs at 1000 and at 3000 (see the docstring)
+    assert e["train_steps"] == 6 * 300 + 5 * 300 + 3 * 1000 + 3 * 3000 == 15_300
+    assert e["train_s"] == pytest.approx(0.2 * (4600 + 2 * 10700))
+
+
+def test_plan_prints_every_run_and_the_estimate_and_trains_nothing(capsys, monkeypatch):
+    monkeypatch.setattr(tables, "train_run", None)  # would fail if called
+    assert tables.main(["--plan"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == len(tables.plan_runs(FULL)) + 1 and "ours_steps300 (= ours)" in "\n".join(out)
+    assert out[-1].startswith("17 LoRA runs, 15300 toy steps: ~87 min of training; 4608 strips: ~54 min")
 
 
 def test_edit_targets_change_only_the_shape_colour_and_never_to_the_background():
@@ -52,62 +173,71 @@ def test_edit_targets_change_only_the_shape_colour_and_never_to_the_background()
         assert words[2] not in (colour, background)
 
 
+# ------------------------------------------------------------------------------ sampling and tables
+
 @pytest.fixture(scope="module")
 def tiny(tiny_sd):
     return tables.load(tiny_sd[0])
 
 
-def test_strip_k_uses_prompt_k_mod_prompts_and_the_noise_pair_of_seed_plus_k(tiny):
+def test_strip_k_uses_prompt_k_mod_prompts_and_the_noise_pair_of_the_sets_seed_plus_k(tiny):
     prompts = ["a red circle on a blue background", "a small white square on a green background"]
-    p = tables.Protocol(strips=3, steps=3, chunk=2)  # strip 2 reuses prompt 0 with the noise pair of seed 2
-    strips = tables.sample_strips(tiny, prompts, p)
+    p = tables.Protocol(strips=3, chunk=2)  # strip 2 reuses prompt 0 with the noise pair of seed + 2
+    strips = tables.sample_strips(tiny, prompts, p, seed=1000, steps=3)
     assert strips.shape == (3, 11, 3, 16, 16)
-    noise_a, noise_b = sampler.noise_pair(2, tables.latent_shape(tiny))
+    noise_a, noise_b = sampler.noise_pair(1002, tables.latent_shape(tiny))
     strip2 = sampler.interpolate(tiny.unet, tiny.vae, noise_a, noise_b, cond_a=tiny.encode_prompt(prompts[:1]),
                                  uncond_a=tiny.encode_prompt([""]), steps=3, progress=False)
     torch.testing.assert_close(strips[2], strip2, rtol=1e-4, atol=1e-5)  # batched vs one frame at a time
     assert not torch.allclose(strips[0], strips[2], atol=1e-3)  # same prompt, another noise pair
 
 
-def fake_scores(istd, rng):
-    return {"per_strip_istd": list(istd), "per_strip_mean_adjacent_distance": list(rng.uniform(1, 2, len(istd))),
-            "caption_accuracy": {"caption": 0.75}, "frechet_distance": 12.5, "eval_s": 30.0}
+def fake_cell(istd, rng):
+    return {"per_strip_istd": list(istd), "istd": float(np.mean(istd)), "mean_adjacent_distance": 1.5,
+            "caption_accuracy": {"caption": 0.75}, "fid_proxy": 12.5, "eval_s": 30.0}
 
 
-def test_markdown_has_every_table_the_command_and_pending_rows_for_missing_models():
+def test_markdown_has_every_table_the_holds_column_and_pending_rows():
     rng = np.random.default_rng(0)
-    control = rng.uniform(1, 2, 60)
-    scores = {"control": fake_scores(control, rng), "smooth": fake_scores(control - 0.25, rng)}
-    runs = {"control": {"wall_s": 100.0}, "smooth": {"wall_s": 300.0}}
-    rows = {n: tables.summary(n, scores, runs) for n in scores}
-    assert rows["smooth"]["istd_vs_control"]["mean"] == pytest.approx(-0.25)
-    results = {"command": "python tables.py", "cache": "runs/tables", "protocol_text": "60 strips",
-               "total_s": 600.0, "rows": rows, "runs": runs, "reconstruction": {}}
+    plan, names = tables.plan_runs(FULL), tables.canonical(tables.plan_runs(FULL))
+    control = {c: rng.uniform(1, 2, 64) for c in CELLS}
+    scores = {"control": {c: fake_cell(control[c], rng) for c in CELLS},
+              "ours": {c: fake_cell(control[c] - 0.25, rng) for c in CELLS},
+              "paper": {c: fake_cell(control[c] + (0.1 if c == "B25" else -0.1), rng) for c in CELLS}}
+    results = {"command": "python tables.py", "cache": "runs/tables", "protocol_text": "64 strips.",
+               "protocol": {"recon_images": 32, "step_counts": [25, 50], "edit_r": 0.8}, "cells": CELLS,
+               "quality_cell": "A50", "total_s": 600.0, "runs": {}, "reconstruction": {}, "common": {},
+               "tables": tables.table_rows(FULL), "prompts": toy.heldout_prompts(), "figure_rows": []}
+    results["rows"] = {n: tables.summary(n, plan, names, scores, FULL) for n in plan}
     md = tables.render_markdown(results)
-    for title in ("Table 1", "Table 2", "Table 3", "Table 4", "Cheaper regularizer variants"):
+    for title in ("Table 1", "Table 2", "Table 3", "ISTD and FID-proxy vs fine-tune length", "Seed check"):
         assert f"### {title}" in md
-    assert "`python tables.py`" in md
-    smooth_line = next(l for l in md.splitlines() if l.startswith("| Smooth-LoRA, lambda 1 |"))
-    relative = -0.25 / control.mean()
-    assert f"-0.250 ± 0.000 ({100 * relative:+.0f}%)" in smooth_line
-    assert "| base (no LoRA) | pending |" in md and "| lambda 10 | pending |" in md
-    assert "train + score time of these rows: 7.7 min" in md  # Table 1: (100 + 300 + 2 x 30) s
+    assert "`python tables.py`" in md and "rank 4" in md  # what was dropped is said
+    ours_line = next(l for l in md.splitlines() if l.startswith("| our form, lambda 30 |"))
+    relative = -0.25 / control["A50"].mean()
+    assert f"{100 * relative:+.0f}% ± 0%" in ours_line and "| yes: lower |" in ours_line
+    paper_line = next(l for l in md.splitlines() if l.startswith("| paper's form, lambda 1 |"))
+    assert "| no |" in paper_line  # higher in one cell
+    # "ours, 300 steps" is the same run as "ours": its row shows the same numbers; other lengths are pending.
+    ours_300 = next(l for l in md.splitlines() if l.startswith("| our form, lambda 30, 300 steps |"))
+    assert ours_300.split(" | ")[1:] == ours_line.split(" | ")[1:]
+    assert "| our form, lambda 30, 1000 steps | pending |" in md and "| base (no LoRA) | pending |" in md
 
 
-def stub_train_run(name, model, data, cache, overrides=None, threads=1):
+def stub_train_run(name, flags, model, data, cache, threads=1):
     """A random LoRA per run instead of train.py, kept once written (as train_run's cache does)."""
     out = cache / name
     if (out / "smooth_lora.safetensors").is_file():
         return {"lora": str(out / "smooth_lora.safetensors"), "wall_s": 1.0, "train_loop_s": 1.0, "cached": True}
     models = tables.load(model)
-    lora.inject_lora(models.unet, rank=tables.RUNS[name].get("rank", 8))
+    lora.inject_lora(models.unet, rank=flags["rank"])
+    seed = int(flags["lambda_reg"] * 10) + flags["max_steps"] + 1000 * flags.get("seed", 0)
     for layer in lora.lora_layers(models.unet).values():
-        perturb_(layer.lora_up, seed=list(tables.RUNS).index(name), scale=0.05)
+        perturb_(layer.lora_up, seed=seed, scale=0.05)
     out.mkdir(parents=True, exist_ok=True)
     lora.save_lora(models.unet, out / "smooth_lora.safetensors")
-    regularized = tables.RUNS[name]["lambda_reg"] > 0
     (out / "log.jsonl").write_text(json.dumps(dict(step=1, loss_base=0.1, loss_reg=0.01, var_norm=0.2, a=0.1,
-                                                   regularized=regularized, time=1.0)) + "\n")
+                                                   regularized=flags["lambda_reg"] > 0, time=1.0)) + "\n")
     return {"lora": str(out / "smooth_lora.safetensors"), "wall_s": 1.0, "train_loop_s": 1.0, "cached": False}
 
 
@@ -117,19 +247,31 @@ def test_quick_pipeline_writes_every_table_and_figure_then_reuses_its_cache(tiny
     argv = ["--quick", "--model", str(tiny_sd[0]), "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")]
     assert tables.main(argv) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert set(results["rows"]) == {"base", *tables.RUNS}
+    plan, names = tables.plan_runs(tables.QUICK), tables.canonical(tables.plan_runs(tables.QUICK))
+    assert set(results["rows"]) == set(plan) and set(results["scores"]) == set(names.values())
+    quick_cells = [tables.cell_name(c) for c in tables.QUICK.cells]
+    assert quick_cells == ["A2", "A3", "B2", "B3"]
     for name, row in results["rows"].items():
-        assert len(results["scores"][name]["per_strip_istd"]) == tables.QUICK.strips
+        cells = results["scores"][names[name]]
+        assert list(cells) == quick_cells
+        assert all(len(c["per_strip_istd"]) == tables.QUICK.strips for c in cells.values())
         assert np.isfinite(row["istd"]) and np.isfinite(row["fid_proxy"])
-        assert ("istd_vs_control" in row) == (name != "control")
-    # Different LoRAs give different strips; the same strips (paired) for the same model.
-    assert results["scores"]["smooth"]["per_strip_istd"] != results["scores"]["control"]["per_strip_istd"]
-    assert set(results["reconstruction"]) == {"vae", *tables.RECONSTRUCTED}
-    for name in tables.RECONSTRUCTED:
+        paired = plan[name].control is not None and names[plan[name].control] != names[name]
+        assert ("istd_vs_control" in row) == paired
+        if "istd_vs_control" in row:
+            assert set(row["istd_vs_control"]) == set(quick_cells) and row["holds"] in (-1, 0, 1)
+            ref = results["scores"][names[plan[name].control]]["B3"]["per_strip_istd"]
+            assert row["istd_vs_control"]["B3"]["mean"] == pytest.approx(
+                np.mean(cells["B3"]["per_strip_istd"]) - np.mean(ref))
+    assert results["rows"]["ours_steps2"]["istd"] == results["rows"]["ours"]["istd"]  # one run, two names
+    s = results["scores"]["ours"]
+    assert s["A2"]["per_strip_istd"] != s["B2"]["per_strip_istd"] != s["B3"]["per_strip_istd"]  # four cells differ
+    assert results["scores"]["ours"]["A3"] != results["scores"]["control"]["A3"]
+    assert set(results["reconstruction"]) == {"vae", "control", "paper", "ours", "base"}
+    for name in ("control", "paper", "ours", "base"):
         for inversion in ("ddim", "nti"):
             r = results["reconstruction"][name][inversion]
             assert len(r["per_image"]["psnr"]) == tables.QUICK.recon_images and np.isfinite(r["mse"])
-    assert results["reconstruction"]["vae"]["psnr"] > 0
     md = (tmp_path / "out" / "tables.md").read_text()
     assert "pending" not in md and "`python tables.py --quick`" in md
     for figure in ("interpolation.png", "edit.png"):
@@ -146,15 +288,23 @@ def test_quick_pipeline_writes_every_table_and_figure_then_reuses_its_cache(tiny
     assert again["scores"] == results["scores"] and again["reconstruction"] == results["reconstruction"]
 
 
+def test_bad_arguments_end_in_an_error_line(capsys, tmp_path):
+    with pytest.raises(SystemExit, match="tables.py: error: no model"):
+        tables.main(["--model", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit) as e:
+        tables.main(["--threads", "0"])
+    assert e.value.code == 2 and "tables.py: error: --threads must be at least 1" in capsys.readouterr().err
+
+
 def test_train_run_trains_through_train_py_once_and_then_reuses_the_lora(tiny_sd, tmp_path):
     data = tmp_path / "data"
     toy.prepare_data(data, n=4)
-    overrides = dict(max_steps=1, batch_size=2, resolution=16, save_every=1)
-    first = tables.train_run("smooth", tiny_sd[0], data, tmp_path / "cache", overrides)
+    flags = {**tables.plan_runs(tables.QUICK)["paper"].flags, "max_steps": 1, "resolution": 16, "save_every": 1}
+    first = tables.train_run("paper", flags, tiny_sd[0], data, tmp_path / "cache")
     assert not first["cached"] and first["wall_s"] > 0
-    lora_file = tmp_path / "cache" / "smooth" / "smooth_lora.safetensors"
-    log = [json.loads(l) for l in (tmp_path / "cache" / "smooth" / "log.jsonl").read_text().splitlines()]
+    lora_file = tmp_path / "cache" / "paper" / "smooth_lora.safetensors"
+    log = [json.loads(l) for l in (tmp_path / "cache" / "paper" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 1 and log[0]["regularized"] and log[0]["loss_reg"] > 0  # lambda 1: the regularizer ran
     mtime = lora_file.stat().st_mtime_ns
-    second = tables.train_run("smooth", tiny_sd[0], data, tmp_path / "cache", overrides)
+    second = tables.train_run("paper", flags, tiny_sd[0], data, tmp_path / "cache")
     assert second["cached"] and second["lora"] == first["lora"] and lora_file.stat().st_mtime_ns == mtime
