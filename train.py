@@ -135,7 +135,7 @@ class TrainConfig:
     num_workers: int = _option(4, "data loader processes per rank")
     gradient_checkpointing: bool = _option(False, "recompute UNet blocks in backward to save memory")
     threads: int = _option(None, "torch CPU threads (default: torch's choice; 1 in the toy world, where a "
-                                 "second thread gains ~6% on an idle 2-core CPU but costs 3x beside another "
+                                 "second thread gains ~6%% on an idle 2-core CPU but costs 3x beside another "
                                  "busy process)")
 
 
