@@ -229,7 +229,11 @@ def _read(path_or_dict):
     if path.endswith(".safetensors"):
         with safe_open(path, framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-    return torch.load(path, map_location="cpu", weights_only=True), {}
+    try:  # random or truncated bytes make the unpickler fail in many ways (IndexError, EOFError, ...)
+        return torch.load(path, map_location="cpu", weights_only=True), {}
+    except Exception as error:
+        raise ValueError(f"{path} is not a readable LoRA file ({type(error).__name__}: {error}); "
+                         "pickled files load only as tensors (weights_only=True)") from None
 
 
 _OFFICIAL = re.compile(r"(?P<attn>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora"

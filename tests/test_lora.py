@@ -3,6 +3,7 @@ weights agree, kohya and peft files load, merge/unmerge round-trips, bad files s
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -334,3 +335,15 @@ def test_lora_trains_in_fp32_over_a_bf16_base():
         want = (x.float() @ (model[0].weight.float() + model[0].delta_weight()).T + model[0].bias.float())
         merge_lora(model)
         torch.testing.assert_close(model(x).float(), want, rtol=2e-2, atol=2e-2)  # bf16 rounding
+
+
+def test_random_bytes_as_a_lora_file_are_a_value_error_whatever_the_bytes(tmp_path):
+    """The unpickler fails in many ways on garbage (IndexError, EOFError, UnpicklingError, ...): all must
+    reach the user as one ValueError naming the file (the CLIs turn it into `error:` lines)."""
+    unet = torch.nn.Module()
+    rng = np.random.default_rng(0)
+    for k in range(20):
+        path = tmp_path / f"rand{k}.bin"
+        path.write_bytes(rng.integers(0, 256, size=int(rng.integers(1, 400)), dtype=np.uint8).tobytes())
+        with pytest.raises(ValueError, match="not a readable LoRA file"):
+            load_lora(unet, path)
