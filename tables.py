@@ -555,6 +555,10 @@ def parse_args(argv):
     parser.add_argument("--model", default=str(toy.MODEL_DIR), help="the base model (default: the toy SD)")
     parser.add_argument("--data", default=str(ROOT / "data" / "toy"), help="training images (toy.prepare_data)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, here and in each train.py")
+    parser.add_argument("--runs", nargs="+", default=None, metavar="NAME",
+                        help="only these runs of --plan (and the controls they are paired with); add 'base' for "
+                             "the base model's row and 'table2' for the reconstructions; the other rows stay "
+                             "'pending' (default: everything)")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}.")
@@ -694,6 +698,26 @@ def vae_optimum(s, inputs):
     s.results["reconstruction"]["vae"] = {k: float(np.mean(v)) for k, v in m.items()}
 
 
+def selected_runs(s, names):
+    """The runs --runs asks for, with the controls they are paired with (and theirs); None: all of them."""
+    if names is None:
+        return set(s.names.values()) | {"base", "table2"}
+    unknown = [n for n in names if n not in s.plan and n not in ("base", "table2")]
+    if unknown:
+        raise SystemExit(f"tables.py: error: --runs {' '.join(unknown)}: not in the plan; "
+                         "`python tables.py --plan` lists the runs.")
+    wanted, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name in ("base", "table2"):
+            wanted.add(name)
+            continue
+        wanted.add(s.names[name])
+        if s.plan[name].control is not None and s.names[s.plan[name].control] not in wanted:
+            todo.append(s.plan[name].control)
+    return wanted
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.plan:
@@ -707,6 +731,8 @@ def main(argv=None):
     s.out.mkdir(parents=True, exist_ok=True)
     toy.prepare_data(args.data)
     runs = [n for n in dict.fromkeys(s.names.values()) if s.plan[n].flags is not None]
+    wanted = selected_runs(s, args.runs)
+    runs = [n for n in runs if n in wanted]
     pool = ThreadPoolExecutor(max_workers=1)  # training, one run after another, beside the scoring
     s.futures = {n: pool.submit(train_run, n, s.plan[n].flags, args.model, args.data, s.cache, args.threads)
                  for n in runs}
@@ -719,8 +745,8 @@ def main(argv=None):
     protocol = {k: v for k, v in s.results["protocol"].items() if k in ("strips", "frames", "guidance", "real")}
     recon_protocol = {k: s.results["protocol"][k] for k in ("recon_images", "nti_inner_steps", "edit_r", "guidance")}
     recon_protocol["steps"] = max(s.p.step_counts)
-    reconstructed = {s.names[n] for n in s.results["tables"]["reconstruction"]}
-    for name in ["base", *runs]:
+    reconstructed = {s.names[n] for n in s.results["tables"]["reconstruction"]} if "table2" in wanted else set()
+    for name in ["base", *runs] if "base" in wanted else runs:
         lora_path, lora_key = lora_of(s, name)
         models = load(args.model, lora_path)
         score_cells(s, name, models, {"protocol": protocol, "base": base_key, "lora": lora_key}, real_features)

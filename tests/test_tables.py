@@ -308,3 +308,11 @@ def test_train_run_trains_through_train_py_once_and_then_reuses_the_lora(tiny_sd
     mtime = lora_file.stat().st_mtime_ns
     second = tables.train_run("paper", flags, tiny_sd[0], data, tmp_path / "cache")
     assert second["cached"] and second["lora"] == first["lora"] and lora_file.stat().st_mtime_ns == mtime
+
+
+def test_runs_option_selects_the_named_runs_and_the_controls_they_are_paired_with():
+    s = tables.start(tables.parse_args(["--runs", "paper_seed1", "ours", "base"]))
+    assert tables.selected_runs(s, s.args.runs) == {"paper_seed1", "control_seed1", "control", "ours", "base"}
+    assert tables.selected_runs(s, None) >= set(s.names.values()) | {"base", "table2"}
+    with pytest.raises(SystemExit, match="not in the plan"):
+        tables.selected_runs(s, ["nonsense"])
