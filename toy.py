@@ -522,9 +522,14 @@ def score_strips(strips, prompts, real_features):
     S, F = strips.shape[:2]
     per_strip_istd = [metrics.istd(s) for s in strips]
     per_strip_distance = [metrics.adjacent_distances(s).mean().item() for s in strips]
+    # ISTD in units of the strip's own mean step: a model whose frames all change less (less variety along
+    # the walk) also has a lower ISTD; this ratio only falls when the steps become more even.
+    per_strip_relative = [i / d if d > 0 else 0.0 for i, d in zip(per_strip_istd, per_strip_distance)]
     frames = strips.flatten(0, 1)
     return {"istd": float(np.mean(per_strip_istd)), "mean_adjacent_distance": float(np.mean(per_strip_distance)),
+            "relative_istd": float(np.mean(per_strip_relative)),
             "per_strip_istd": per_strip_istd, "per_strip_mean_adjacent_distance": per_strip_distance,
+            "per_strip_relative_istd": per_strip_relative,
             "caption_accuracy": caption_accuracy(frames, [prompts[k % len(prompts)] for k in range(S) for _ in range(F)]),
             "fid_proxy": toy_metrics.frechet_distance(toy_metrics.features(frames, load_classifier()), real_features)}
 
@@ -561,8 +566,9 @@ def report(model_path, loras, out_dir, protocol=None, reference="control"):
         rows.append((name, strips[:p.figure_strips]))
     for name in results:
         if name != reference:
-            results[name]["istd_vs_" + reference] = toy_metrics.paired_difference(
-                results[name]["per_strip_istd"], results[reference]["per_strip_istd"])
+            for key in ("istd", "relative_istd"):
+                results[name][f"{key}_vs_{reference}"] = toy_metrics.paired_difference(
+                    results[name]["per_strip_" + key], results[reference]["per_strip_" + key])
     out.mkdir(parents=True, exist_ok=True)
     grid = [(f"strip {k}: {name}", strips[k]) for k in range(p.figure_strips) for name, strips in rows]
     labelled_grid(grid, scale=4).save(out / "interpolation_before_after.png")
@@ -579,10 +585,12 @@ def report_line(summary, out):
     for name, r in models.items():
         if name == ref:
             continue
-        d = r["istd_vs_" + ref]
+        d, c = r["istd_vs_" + ref], r["relative_istd_vs_" + ref]
         parts.append(f"{name} {r['istd']:.3f} vs {ref} {models[ref]['istd']:.3f}: {d['mean']:+.3f} +- {d['se']:.3f} "
-                     f"({100 * d['relative']:+.0f}%, paired, {d['n']} strips), FID-proxy {r['fid_proxy']:.2f} vs "
-                     f"{models[ref]['fid_proxy']:.2f}, caption accuracy {r['caption_accuracy']['caption']:.2f} vs "
+                     f"({100 * d['relative']:+.0f}%, paired, {d['n']} strips); mean step {r['mean_adjacent_distance']:.3f}"
+                     f" vs {models[ref]['mean_adjacent_distance']:.3f}; ISTD / mean step {100 * c['relative']:+.0f}% "
+                     f"+- {100 * c['se'] / models[ref]['relative_istd']:.0f}%; FID-proxy {r['fid_proxy']:.2f} vs "
+                     f"{models[ref]['fid_proxy']:.2f}; caption accuracy {r['caption_accuracy']['caption']:.2f} vs "
                      f"{models[ref]['caption_accuracy']['caption']:.2f}")
     return (f"ISTD on held-out prompts ({p['steps']} DDIM steps, CFG {p['guidance']}): " + "; ".join(parts) +
             f". Figure {out / 'interpolation_before_after.png'}, numbers {out / 'report.json'}")

@@ -181,6 +181,10 @@ def test_paired_statistics_of_synthetic_strips_have_the_known_answer():
     np.testing.assert_allclose(a["per_strip_istd"], want_jumpy, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(b["per_strip_istd"], [0, 0, 0], atol=1e-6)
     np.testing.assert_allclose(b["per_strip_mean_adjacent_distance"], [0.1, 0.2, 0.05], rtol=1e-5)
+    np.testing.assert_allclose(a["per_strip_relative_istd"], np.array(want_jumpy) / [0.1, 0.18, 0.15], rtol=1e-5)
+    twice = scores([strip([0.6, 0.0] * 5)])  # the third jumpy strip with every step doubled: ISTD doubles,
+    assert twice["per_strip_istd"][0] == pytest.approx(2 * want_jumpy[2], rel=1e-5)  # its ratio does not
+    assert twice["per_strip_relative_istd"][0] == pytest.approx(a["per_strip_relative_istd"][2], rel=1e-5)
     d = toy_metrics.paired_difference(b["per_strip_istd"], a["per_strip_istd"])
     diffs = -np.array(want_jumpy)
     assert d["n"] == 3 and d["mean"] == pytest.approx(diffs.mean(), rel=1e-5)
