@@ -481,7 +481,11 @@ def evaluate(model=MODEL_DIR, out="runs/toy_eval", per_prompt=4, steps=50, guida
 # `python train.py` with no arguments: a Smooth-LoRA (lambda 1, rank 8) on the tiny model, in minutes.
 # The two forms of the regularizer that the main job and tables.py compare, as train.py flags.
 PAPER_FORM = dict(lambda_reg=1.0, reg_normalize="none", reg_timestep_buckets=1)  # Eq. 9 exactly, lambda 1
-OUR_FORM = dict(lambda_reg=30.0, reg_normalize="none", reg_timestep_buckets=10)  # one running mean per tenth of t
+# Ours: Eq. 9 on the norm in units of its running mean, one running mean per tenth of the timesteps
+# (`--reg-normalize relative --reg-timestep-buckets 10`). Chosen on validation prompts (training-triple
+# captions, never the held-out ones): ISTD -27% +- 8% vs the control at FID-proxy +7% and caption accuracy -7%,
+# where the paper's form gave -10% +- 7% at no quality cost (README, "Results").
+OUR_FORM = dict(lambda_reg=1.0, reg_normalize="relative", reg_timestep_buckets=10)
 TRAIN_DEFAULTS = dict(resolution=RESOLUTION, batch_size=16, grad_accum=1, max_steps=300, lr=1e-3,
                       save_every=100, rank=8, num_workers=0, threads=1, **OUR_FORM)
 
