@@ -213,15 +213,16 @@ def test_markdown_has_every_table_the_holds_column_and_pending_rows():
     for title in ("Table 1", "Table 2", "Table 3", "ISTD and FID-proxy vs fine-tune length", "Seed check"):
         assert f"### {title}" in md
     assert "`python tables.py`" in md and "rank 4" in md  # what was dropped is said
-    ours_line = next(l for l in md.splitlines() if l.startswith("| our form, lambda 30 |"))
+    ours = plan["ours"].label  # "our form, lambda L" with toy.OUR_FORM's lambda
+    ours_line = next(l for l in md.splitlines() if l.startswith(f"| {ours} |"))
     relative = -0.25 / control["A50"].mean()
     assert f"{100 * relative:+.0f}% ± 0%" in ours_line and "| yes: lower |" in ours_line
     paper_line = next(l for l in md.splitlines() if l.startswith("| paper's form, lambda 1 |"))
     assert "| no |" in paper_line  # higher in one cell
     # "ours, 300 steps" is the same run as "ours": its row shows the same numbers; other lengths are pending.
-    ours_300 = next(l for l in md.splitlines() if l.startswith("| our form, lambda 30, 300 steps |"))
+    ours_300 = next(l for l in md.splitlines() if l.startswith(f"| {plan['ours_steps300'].label} |"))
     assert ours_300.split(" | ")[1:] == ours_line.split(" | ")[1:]
-    assert "| our form, lambda 30, 1000 steps | pending |" in md and "| base (no LoRA) | pending |" in md
+    assert f"| {plan['ours_steps1000'].label} | pending |" in md and "| base (no LoRA) | pending |" in md
 
 
 def stub_train_run(name, flags, model, data, cache, threads=1):

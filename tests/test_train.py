@@ -397,7 +397,8 @@ def test_bad_inputs_end_in_one_error_line_and_leave_the_run_untouched(tiny_sd, i
         (line,) = [l for l in result.stderr.splitlines() if l.startswith("train.py: error: ")]
         return line
 
-    assert "UnpicklingError" in error_of(*common, "--resume", state_bytes=os.urandom(4096))
+    garbage = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()  # the unpickler's
+    assert "not a readable train.py checkpoint" in error_of(*common, "--resume", state_bytes=garbage)  # error varies
     assert "not a readable train.py checkpoint" in error_of(*common, "--resume", state_bytes=good[:len(good) // 2])
     assert "--rank: saved 2, now 4" in error_of(*common[:-1], 4, "--resume")
     assert "rank and reg_timestep_buckets cannot change" in error_of(*common[:-1], 4, "--resume",
