@@ -222,7 +222,7 @@ class Loaded:
 def _load_models(args):
     if args.model == str(DEMO_MODEL) and not (DEMO_MODEL / "model_index.json").exists():
         fail(f"the toy model is not built yet ({DEMO_MODEL} has no model_index.json). "
-             "Build it with `python toy.py pretrain` (CPU, ~25 min), or pass --model PATH.")
+             "Build it with `python toy.py pretrain` (CPU, ~40 min), or pass --model PATH.")
     try:  # a wrong checkpoint, tokenizer or hub id is the user's input: say what is wrong, no traceback
         models = checkpoint.load_models(checkpoint.resolve_model(args.model), tokenizer=args.tokenizer,
                                         device=args.device, dtype=DTYPES[getattr(args, "dtype", "fp32")],

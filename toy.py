@@ -15,7 +15,7 @@ ships a world small enough to run the whole method on a laptop CPU:
 The measuring instruments (an attribute classifier, a Frechet distance, paired statistics) are in
 `toy_metrics.py`; this file reads captions off images with them (`caption_accuracy`).
 
-    python toy.py pretrain    # VAE, then UNet + text encoder, then the classifier (CPU, ~25 min)
+    python toy.py pretrain    # VAE, then UNet + text encoder, then the classifier (CPU, ~40 min)
     python toy.py evaluate    # VAE reconstruction, classifier accuracy, caption accuracy of samples
     python toy.py data FOLDER # write toy images + captions (train.py's folder format)
 """
