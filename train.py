@@ -142,7 +142,7 @@ class TrainConfig:
 # Settings that change what a run optimizes: a --resume with other values is refused unless overridden.
 OPTIMIZATION_SETTINGS = ("model", "data", "data_root", "resolution", "batch_size", "grad_accum", "lr",
                          "weight_decay", "rank", "lambda_reg", "reg_every", "reg_decay", "reg_timestep_buckets",
-                         "reg_mode", "reg_batch_frac", "fd_h", "seed", "mixed_precision")
+                         "reg_normalize", "reg_mode", "reg_batch_frac", "fd_h", "seed", "mixed_precision")
 # The toy world's validation defaults, unless toy.TRAIN_DEFAULTS sets them.
 TOY_VALIDATION = dict(validate_every=50)
 

@@ -2,6 +2,7 @@
 
 The training runs are subprocesses (as users run them), 4 steps of batch 2 x accumulation 2 at 16 px.
 """
+import dataclasses
 import contextlib
 import itertools
 import json
@@ -550,3 +551,12 @@ def test_ddp_with_the_double_backward_all_reduces_once_per_optimizer_step_under_
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("buckets all-reduced 1,") == 2, result.stdout
+
+
+def test_a_resume_refuses_another_regularizer_form_unless_overridden():
+    cfg, _ = train.parse_args(["--reg-normalize", "relative"])
+    saved = {**dataclasses.asdict(cfg), "reg_normalize": "none"}
+    with pytest.raises(ValueError, match="--reg-normalize: saved none, now relative"):
+        train.resume_changes(cfg, saved)
+    cfg, _ = train.parse_args(["--reg-normalize", "relative", "--resume-override", "reg_normalize"])
+    assert train.resume_changes(cfg, saved) == {"reg_normalize": ("none", "relative")}
