@@ -111,10 +111,10 @@ def test_the_plan_derives_every_run_from_toy_defaults_and_the_two_forms():
     assert [plan[f"paper_lambda{x:g}"].flags["lambda_reg"] for x in (0.1, 1, 10, 100)] == [0.1, 1.0, 10.0, 100.0]
     lam = toy.OUR_FORM["lambda_reg"]
     assert [plan[n].flags["lambda_reg"] for n in tables.table_rows(FULL)["lambda"] if n.startswith("ours")] == \
-        pytest.approx([lam / 3, lam, 3 * lam])
+        pytest.approx([lam / 3, lam, 3 * lam, 10 * lam])
     names = tables.canonical(plan)  # the same flags: trained and scored once
     assert names["ours_steps300"] == "ours" and names["paper_lambda1"] == "paper" and names["paper_seed1"] != "paper"
-    assert len(set(names.values())) == 18  # the base and 17 LoRA runs
+    assert len(set(names.values())) == 19  # the base and 18 LoRA runs
     for table in tables.table_rows(FULL).values():
         assert set(table) <= set(plan)
 
@@ -137,7 +137,7 @@ def test_changing_our_form_in_toy_changes_the_runs_without_editing_tables(monkey
     monkeypatch.setitem(tables.FORMS, "ours", our_form)
     plan = tables.plan_runs(FULL)
     assert plan["ours"].flags["lambda_reg"] == 12.0 and plan["ours"].flags["lr"] == 3e-3
-    assert {"ours_lambda4", "ours_lambda12", "ours_lambda36"} <= set(plan)
+    assert {"ours_lambda4", "ours_lambda12", "ours_lambda36", "ours_lambda120"} <= set(plan)
     # lr acts without the regularizer: each form now gets its own control, trained like it.
     assert plan["ours"].control == "control_ours" and plan["paper"].control == "control_paper"
     assert plan["control_ours"].flags["lr"] == 3e-3 and plan["control_ours"].flags["lambda_reg"] == 0.0
@@ -149,10 +149,10 @@ def test_changing_our_form_in_toy_changes_the_runs_without_editing_tables(monkey
 
 def test_the_estimate_counts_the_runs_steps_and_strips():
     e = tables.estimate_seconds(FULL, tables.plan_runs(FULL))
-    assert e["runs"] == 17 and e["strips"] == 18 * 4 * 64
-    # 3 runs x 2 seeds, 3 + 2 more lambdas at 300 steps; 3 runs at 1000 and at 3000 (see the docstring)
-    assert e["train_steps"] == 6 * 300 + 5 * 300 + 3 * 1000 + 3 * 3000 == 15_300
-    assert e["train_s"] == pytest.approx(0.2 * (4600 + 2 * 10700))
+    assert e["runs"] == 18 and e["strips"] == 19 * 4 * 64
+    # 3 runs x 2 seeds, 3 + 3 more lambdas at 300 steps; 3 runs at 1000 and at 3000 (see the docstring)
+    assert e["train_steps"] == 6 * 300 + 6 * 300 + 3 * 1000 + 3 * 3000 == 15_600
+    assert e["train_s"] == pytest.approx(0.2 * (4600 + 2 * 11000))
 
 
 def test_plan_prints_every_run_and_the_estimate_and_trains_nothing(capsys, monkeypatch):
@@ -160,7 +160,7 @@ def test_plan_prints_every_run_and_the_estimate_and_trains_nothing(capsys, monke
     assert tables.main(["--plan"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == len(tables.plan_runs(FULL)) + 1 and "ours_steps300 (= ours)" in "\n".join(out)
-    assert out[-1].startswith("17 LoRA runs, 15300 toy steps: ~87 min of training; 4608 strips: ~54 min")
+    assert out[-1].startswith("18 LoRA runs, 15600 toy steps: ~89 min of training; 4864 strips: ~57 min")
 
 
 def test_edit_targets_change_only_the_shape_colour_and_never_to_the_background():
