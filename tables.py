@@ -59,6 +59,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 import checkpoint
 import lora
@@ -466,6 +467,57 @@ def reconstruction_table(results, names):
     return lines + [""]
 
 
+QUALITY_BUDGET = 0.10  # issue 11: FID-proxy and caption accuracy within 10% of the control
+
+
+def tradeoff(row, control_row):
+    """A regularized run against its control: ISTD change (mean of the four cells' relative paired
+    differences, and the cell nearest zero), FID-proxy and caption-accuracy change (relative), and
+    whether both quality proxies stay within QUALITY_BUDGET. None while a number is pending."""
+    diffs = row.get("istd_vs_control") or {}
+    if len(diffs) < 4 or "fid_proxy" not in row or "fid_proxy" not in control_row:
+        return None
+    relative = [d["relative"] for d in diffs.values()]
+    fid = row["fid_proxy"] / control_row["fid_proxy"] - 1  # higher is worse
+    caption = row["caption_accuracy"] / control_row["caption_accuracy"] - 1  # lower is worse
+    return {"istd": float(np.mean(relative)), "istd_nearest_zero": min(relative, key=abs), "fid_proxy": fid,
+            "caption_accuracy": caption, "holds": row["holds"],
+            "within_budget": fid <= QUALITY_BUDGET and caption >= -QUALITY_BUDGET}
+
+
+def tradeoff_points(results):
+    """{run: tradeoff} for every regularized run of the lambda, length and seed tables (each run once,
+    under the name it was trained under, labelled with its first row's label)."""
+    rows, t, points, seen = results["rows"], results["tables"], {}, set()
+    for name in [*t["lambda"], *t["length"], *t["seeds"]]:
+        row = rows.get(name, {})
+        if not row.get("reference") or row["run"] in seen or row["run"].startswith("control"):
+            continue
+        seen.add(row["run"])
+        point = tradeoff(row, next((r for r in rows.values() if r["run"] == row["reference"]), {}))
+        if point is not None:
+            points[row["run"]] = {**point, "label": row["label"]}
+    return points
+
+
+def tradeoff_table(results):
+    """The trade-off curve issue 11 asks for when -40% at <= 10% quality cost is out of reach."""
+    points = tradeoff_points(results)
+    lines = ["### The trade-off: ISTD reduction against quality cost", "",
+             f"Every regularized run against its own control: ΔISTD is the mean of the four cells' paired "
+             f"relative differences (and the cell nearest zero), ΔFID-proxy and Δcaption accuracy are relative "
+             f"changes in cell {results['quality_cell']}; 'within budget': FID-proxy at most "
+             f"{100 * QUALITY_BUDGET:.0f}% higher and caption accuracy at most {100 * QUALITY_BUDGET:.0f}% lower "
+             "than the control's. Plotted in [tradeoff.png](tradeoff.png).", "",
+             "| run | ΔISTD (mean of 4 cells) | weakest cell | holds in all 4 cells | ΔFID-proxy | Δcaption accuracy "
+             "| within budget |", "|---|---|---|---|---|---|---|"]
+    for p in sorted(points.values(), key=lambda p: p["istd"]):
+        lines.append(f"| {p['label']} | {100 * p['istd']:+.0f}% | {100 * p['istd_nearest_zero']:+.0f}% | "
+                     f"{HOLDS[p['holds']]} | {100 * p['fid_proxy']:+.0f}% | {100 * p['caption_accuracy']:+.0f}% | "
+                     f"{'yes' if p['within_budget'] else 'no'} |")
+    return lines + [""]
+
+
 def header(results):
     """The paragraph above the tables: the command, the protocol, the rule and the times."""
     runs, rows = results.get("runs", {}), results["rows"]
@@ -525,6 +577,7 @@ def render_markdown(results):
         + smoothness_table("Seed check: both forms at another training seed", t["seeds"], results,
                            note="The seed-1 forms are paired with the seed-1 control; the seed-1 control with "
                                 "the seed-0 control (how far another training seed alone moves ISTD).")
+        + tradeoff_table(results)
         + figures_text(results) + runs_table(results))
 
 
@@ -540,6 +593,42 @@ def save_figures(out, strips, edits, figure_rows, labels):
     if edits:
         rows = [(labels[n], torch.stack([e["source"], e["nti"], e["edit"]])) for n, e in edits.items()]
         toy.labelled_grid(rows, scale=4).quantize(256).save(out / "edit.png")
+
+
+def save_tradeoff_plot(path, points, target=-0.40, size=(640, 440), margin=(70, 30, 30, 50)):
+    """tradeoff.png: one dot per regularized run, x = FID-proxy change, y = ISTD change (both relative to
+    its control, %); the quality budget (x = +10%) and the target (y = -40%) as lines. Blue: the paper's
+    form, red: ours; a ring: the run does not hold in all four cells."""
+    if not points:
+        return
+    xs = [100 * p["fid_proxy"] for p in points.values()] + [0, 100 * QUALITY_BUDGET]
+    ys = [100 * p["istd"] for p in points.values()] + [0, 100 * target]
+    (x0, x1), (y0, y1) = (min(xs) - 5, max(xs) + 5), (min(ys) - 5, max(ys) + 5)
+    left, top, right, bottom = margin
+    w, h = size[0] - left - right, size[1] - top - bottom
+    to_px = lambda x, y: (left + (x - x0) / (x1 - x0) * w, top + (y1 - y) / (y1 - y0) * h)  # noqa: E731
+    image = Image.new("RGB", size, "white")
+    pen = ImageDraw.Draw(image)
+    pen.rectangle([left, top, left + w, top + h], outline="black")
+    for x, y, colour, text in ((0, None, (160, 160, 160), "0"), (None, 0, (160, 160, 160), "0"),
+                               (100 * QUALITY_BUDGET, None, (0, 140, 0), "quality budget +10%"),
+                               (None, 100 * target, (0, 140, 0), f"target {100 * target:.0f}%")):
+        a, b = (to_px(x, y1), to_px(x, y0)) if y is None else (to_px(x0, y), to_px(x1, y))
+        pen.line([a, b], fill=colour)
+        pen.text((a[0] + 3, a[1] + 2) if y is None else (b[0] - 6 * len(text) - 4, b[1] - 12), text, fill=colour)
+    for name, p in points.items():
+        cx, cy = to_px(100 * p["fid_proxy"], 100 * p["istd"])
+        colour = (200, 30, 30) if name.startswith("ours") else (30, 60, 200)
+        box = [cx - 4, cy - 4, cx + 4, cy + 4]
+        pen.ellipse(box, fill=colour if p["holds"] else None, outline=colour)
+        pen.text((cx + 6, cy - 6), name, fill=colour)
+    pen.text((left + w // 2 - 110, size[1] - 20), "FID-proxy change vs control (%, higher is worse)", fill="black")
+    pen.text((4, top - 22), "ISTD change vs control (%, mean of 4 cells; lower is smoother)", fill="black")
+    for v in np.linspace(x0, x1, 6):
+        pen.text((to_px(v, y0)[0] - 10, top + h + 4), f"{v:.0f}", fill="black")
+    for v in np.linspace(y0, y1, 6):
+        pen.text((left - 34, to_px(x0, v)[1] - 6), f"{v:.0f}", fill="black")
+    image.save(path)
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -630,6 +719,7 @@ def write(s):
     (s.out / "results.json").write_text(json.dumps(r, indent=1))
     (s.out / "tables.md").write_text(render_markdown(r))
     save_figures(s.out, s.strips, s.edits, r["figure_rows"], {n: s.plan[n].label for n in s.plan})
+    save_tradeoff_plot(s.out / "tradeoff.png", tradeoff_points(r))
 
 
 def lora_of(s, name):

@@ -225,6 +225,30 @@ def test_markdown_has_every_table_the_holds_column_and_pending_rows():
     assert f"| {plan['ours_steps1000'].label} | pending |" in md and "| base (no LoRA) | pending |" in md
 
 
+def test_the_tradeoff_is_the_mean_relative_istd_change_and_the_quality_proxies_against_the_budget(tmp_path):
+    rng = np.random.default_rng(1)
+    plan, names = tables.plan_runs(FULL), tables.canonical(tables.plan_runs(FULL))
+    control = {c: rng.uniform(1, 2, 64) for c in CELLS}
+    drops = {"A25": 0.2, "A50": 0.3, "B25": 0.4, "B50": 0.5}  # ours: a different drop in each cell
+    scores = {"control": {c: fake_cell(control[c], rng) for c in CELLS},
+              "ours": {c: {**fake_cell(control[c] - drops[c], rng), "fid_proxy": 13.5} for c in CELLS},
+              "paper": {c: {**fake_cell(control[c] - 0.1, rng), "caption_accuracy": {"caption": 0.6}}
+                        for c in CELLS}}
+    results = {"rows": {n: tables.summary(n, plan, names, scores, FULL) for n in plan},
+               "tables": tables.table_rows(FULL), "quality_cell": "A50"}
+    points = tables.tradeoff_points(results)
+    assert set(points) == {"ours", "paper"}  # the scored runs, each once; no control, nothing pending
+    ours = points["ours"]
+    assert ours["istd"] == pytest.approx(np.mean([-drops[c] / control[c].mean() for c in CELLS]))
+    assert ours["istd_nearest_zero"] == pytest.approx(-0.2 / control["A25"].mean())
+    assert ours["fid_proxy"] == pytest.approx(13.5 / 12.5 - 1) and ours["caption_accuracy"] == 0
+    assert ours["within_budget"] and ours["holds"] == -1  # FID-proxy +8%: inside the 10% budget
+    assert points["paper"]["caption_accuracy"] == pytest.approx(-0.2) and not points["paper"]["within_budget"]
+    assert "| no |" in next(l for l in tables.tradeoff_table(results) if l.startswith("| paper's form"))
+    tables.save_tradeoff_plot(tmp_path / "tradeoff.png", points)
+    assert Image.open(tmp_path / "tradeoff.png").size == (640, 440)
+
+
 def stub_train_run(name, flags, model, data, cache, threads=1):
     """A random LoRA per run instead of train.py, kept once written (as train_run's cache does)."""
     out = cache / name
@@ -275,7 +299,8 @@ def test_quick_pipeline_writes_every_table_and_figure_then_reuses_its_cache(tiny
             assert len(r["per_image"]["psnr"]) == tables.QUICK.recon_images and np.isfinite(r["mse"])
     md = (tmp_path / "out" / "tables.md").read_text()
     assert "pending" not in md and "`python tables.py --quick`" in md
-    for figure in ("interpolation.png", "edit.png"):
+    assert "### The trade-off" in md
+    for figure in ("interpolation.png", "edit.png", "tradeoff.png"):
         assert Image.open(tmp_path / "out" / figure).size[0] > 100
 
     # Run again: everything comes from the cache, nothing is sampled or inverted.
