@@ -603,7 +603,8 @@ def save_tradeoff_plot(path, points, target=-0.40, size=(640, 440), margin=(70, 
         return
     xs = [100 * p["fid_proxy"] for p in points.values()] + [0, 100 * QUALITY_BUDGET]
     ys = [100 * p["istd"] for p in points.values()] + [0, 100 * target]
-    (x0, x1), (y0, y1) = (min(xs) - 5, max(xs) + 5), (min(ys) - 5, max(ys) + 5)
+    span = max(xs) - min(xs)
+    (x0, x1), (y0, y1) = (min(xs) - 5, max(xs) + 5 + 0.2 * span), (min(ys) - 5, max(ys) + 5)  # room for names
     left, top, right, bottom = margin
     w, h = size[0] - left - right, size[1] - top - bottom
     to_px = lambda x, y: (left + (x - x0) / (x1 - x0) * w, top + (y1 - y) / (y1 - y0) * h)  # noqa: E731
@@ -615,7 +616,7 @@ def save_tradeoff_plot(path, points, target=-0.40, size=(640, 440), margin=(70, 
                                (None, 100 * target, (0, 140, 0), f"target {100 * target:.0f}%")):
         a, b = (to_px(x, y1), to_px(x, y0)) if y is None else (to_px(x0, y), to_px(x1, y))
         pen.line([a, b], fill=colour)
-        pen.text((a[0] + 3, a[1] + 2) if y is None else (b[0] - 6 * len(text) - 4, b[1] - 12), text, fill=colour)
+        pen.text((a[0] + 3, b[1] - 14) if y is None else (a[0] + 4, a[1] + 2), text, fill=colour)
     for name, p in points.items():
         cx, cy = to_px(100 * p["fid_proxy"], 100 * p["istd"])
         colour = (200, 30, 30) if name.startswith("ours") else (30, 60, 200)
