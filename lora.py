@@ -152,10 +152,10 @@ def _inject(model, name, rank, alpha):
 
 def inject_lora(model, rank=8, alpha=None, targets=ATTENTION_TARGETS):
     """Put a rank-`rank` LoRA on every nn.Linear whose name ends in one of `targets` (default: the
-    UNet's attention projections, the Smooth-LoRA set). Replaces any LoRA already there.
-    Returns the LoRA parameters; freeze the rest with `freeze_all_but_lora(model)`."""
-    names = [name for name, m in model.named_modules()
-             if isinstance(m, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)]
+    UNet's attention projections, the Smooth-LoRA set; None: every nn.Linear). Replaces any LoRA already
+    there. Returns the LoRA parameters; freeze the rest with `freeze_all_but_lora(model)`."""
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)
+             and (targets is None or any(name == t or name.endswith("." + t) for t in targets))]
     if not names:
         raise ValueError(f"inject_lora: no nn.Linear named like {targets} in {type(model).__name__}.")
     for name in names:

@@ -96,6 +96,10 @@ class TrainConfig:
     lr: float = _option(1e-4, "AdamW, constant, no warm-up (paper)")
     weight_decay: float = _option(1e-4, "paper, Sec. 4.1; the official script's default is 1e-2")
     rank: int = _option(8, "LoRA rank (paper)")
+    lora_targets: str = _option("attention", "attention: to_q, to_k, to_v, to_out of every attention layer "
+                                             "(paper; the official file layout); all-linear: every nn.Linear "
+                                             "of the UNet (also feed-forward and time embedding; peft layout)",
+                                choices=("attention", "all-linear"))
     lambda_reg: float = _option(1.0, "lambda of Eq. 14 (paper: 1); 0 trains the plain-LoRA control")
     reg_every: int = _option(1, "regularize every k-th step, loss scaled by k (StyleGAN2's lazy "
                                 "regularization; paper: 1 = every step)")
@@ -141,8 +145,11 @@ class TrainConfig:
 
 # Settings that change what a run optimizes: a --resume with other values is refused unless overridden.
 OPTIMIZATION_SETTINGS = ("model", "data", "data_root", "resolution", "batch_size", "grad_accum", "lr",
-                         "weight_decay", "rank", "lambda_reg", "reg_every", "reg_decay", "reg_timestep_buckets",
-                         "reg_normalize", "reg_mode", "reg_batch_frac", "fd_h", "seed", "mixed_precision")
+                         "weight_decay", "rank", "lora_targets", "lambda_reg", "reg_every", "reg_decay",
+                         "reg_timestep_buckets", "reg_normalize", "reg_mode", "reg_batch_frac", "fd_h", "seed",
+                         "mixed_precision")
+SHAPE_SETTINGS = ("rank", "lora_targets", "reg_timestep_buckets")  # never changed by --resume-override
+NEWER_SETTINGS = dict(reg_normalize="none", lora_targets="attention")  # older checkpoints trained like this
 # The toy world's validation defaults, unless toy.TRAIN_DEFAULTS sets them.
 TOY_VALIDATION = dict(validate_every=50)
 
@@ -287,7 +294,7 @@ def finished_run(cfg):
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception:  # unreadable: train it again
         return False
-    same = {k: v for k, v in state.get("config", {}).items() if k != "resume"} == \
+    same = {k: v for k, v in {**NEWER_SETTINGS, **state.get("config", {})}.items() if k != "resume"} == \
         {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}
     return same and state.get("step") == cfg.max_steps
 
@@ -413,7 +420,7 @@ def atomic_save(path, write):
 
 
 def save_checkpoint(out, unet, optimizer, scaler, reg, step, samples_seen, cfg, skipped):
-    atomic_save(out / "smooth_lora.safetensors", lambda p: lora.save_lora(unet, p, layout="official"))
+    atomic_save(out / "smooth_lora.safetensors", lambda p: lora.save_lora(unet, p, layout=lora_layout(cfg)))
     state = {
         "lora": {k: v.detach().cpu() for k, v in unet.named_parameters() if v.requires_grad},
         "optimizer": optimizer.state_dict(),
@@ -429,9 +436,14 @@ def save_checkpoint(out, unet, optimizer, scaler, reg, step, samples_seen, cfg, 
     atomic_save(out / "state.pt", lambda p: torch.save(state, p))
 
 
-def save_snapshot(out, unet, step, keep):
+def lora_layout(cfg):
+    """The official Smooth-LoRA layout names attention projections only; other targets need peft's."""
+    return "official" if cfg.lora_targets == "attention" else "peft"
+
+
+def save_snapshot(out, unet, step, keep, layout="official"):
     """OUT/smooth_lora-step{N}.safetensors, then the oldest removed beyond the newest `keep` (0: keep all)."""
-    atomic_save(out / f"smooth_lora-step{step}.safetensors", lambda p: lora.save_lora(unet, p, layout="official"))
+    atomic_save(out / f"smooth_lora-step{step}.safetensors", lambda p: lora.save_lora(unet, p, layout=layout))
     snapshots = sorted(out.glob("smooth_lora-step*.safetensors"), key=lambda p: int(p.stem.split("-step")[1]))
     for old in snapshots[:-keep] if keep else []:
         old.unlink()
@@ -464,15 +476,16 @@ def _same_setting(name, saved, now):
 def resume_changes(cfg, saved_config):
     """{setting: (saved, now)} for the optimization settings that differ; ValueError for those not named
     by --resume-override (a resume does not silently train something else)."""
+    saved_config = {**NEWER_SETTINGS, **saved_config}  # a checkpoint older than a setting trained with its default
     changes = {name: (saved_config.get(name), getattr(cfg, name)) for name in OPTIMIZATION_SETTINGS
                if not _same_setting(name, saved_config.get(name), getattr(cfg, name))}
-    refused = {k: v for k, v in changes.items() if k not in overridden(cfg) or k in ("rank", "reg_timestep_buckets")}
+    refused = {k: v for k, v in changes.items() if k not in overridden(cfg) or k in SHAPE_SETTINGS}
     if refused:
         listed = "; ".join(f"--{k.replace('_', '-')}: saved {old}, now {new}" for k, (old, new) in refused.items())
         raise ValueError(f"--resume: the checkpoint was trained with other settings ({listed}). Resume with "
                          "the saved values, or name the settings to change with --resume-override "
-                         f"{','.join(refused)} (rank and reg_timestep_buckets cannot change: they fix the "
-                         "shapes of the LoRA and of a).")
+                         f"{','.join(refused)} ({', '.join(SHAPE_SETTINGS)} cannot change: they "
+                         "fix the shapes of the LoRA and of a).")
     return changes
 
 
@@ -646,7 +659,8 @@ def add_lora(cfg, sd, world, num_train_timesteps):
     torch.manual_seed(cfg.seed)  # the LoRA init; identical on every rank
     for part in (sd.unet, sd.vae, sd.text_encoder):
         part.requires_grad_(False).eval()
-    lora.inject_lora(sd.unet, rank=cfg.rank)
+    targets = lora.ATTENTION_TARGETS if cfg.lora_targets == "attention" else None  # None: every nn.Linear
+    lora.inject_lora(sd.unet, rank=cfg.rank, targets=targets)
     lora_params = lora.freeze_all_but_lora(sd.unet)  # fp32, whatever the frozen weights' dtype
     if cfg.gradient_checkpointing:
         sd.unet.enable_gradient_checkpointing()
@@ -782,7 +796,7 @@ def train(cfg, world):
                 record.update(validate(cfg, sd, schedule, latent_shape, step, out, world, autocast))
             append_log(log_path, record)
             if due(step, cfg.snapshot_every, 0):
-                save_snapshot(out, sd.unet, step, cfg.keep_snapshots)
+                save_snapshot(out, sd.unet, step, cfg.keep_snapshots, lora_layout(cfg))
         if step % cfg.save_every == 0 or step == cfg.max_steps or stop_signal:
             skipped = all_gather_union(skipped, world)
             if world.master:

@@ -402,7 +402,7 @@ def test_bad_inputs_end_in_one_error_line_and_leave_the_run_untouched(tiny_sd, i
     assert "not a readable train.py checkpoint" in error_of(*common, "--resume", state_bytes=garbage)  # error varies
     assert "not a readable train.py checkpoint" in error_of(*common, "--resume", state_bytes=good[:len(good) // 2])
     assert "--rank: saved 2, now 4" in error_of(*common[:-1], 4, "--resume")
-    assert "rank and reg_timestep_buckets cannot change" in error_of(*common[:-1], 4, "--resume",
+    assert "rank, lora_targets, reg_timestep_buckets cannot change" in error_of(*common[:-1], 4, "--resume",
                                                                      "--resume-override", "rank")
     assert "none of the 2 images can be read" in error_of(*common, "--data", unreadable)
     assert "pass --tokenizer FOLDER" in error_of(*common, "--model", single_file)
@@ -560,3 +560,36 @@ def test_a_resume_refuses_another_regularizer_form_unless_overridden():
         train.resume_changes(cfg, saved)
     cfg, _ = train.parse_args(["--reg-normalize", "relative", "--resume-override", "reg_normalize"])
     assert train.resume_changes(cfg, saved) == {"reg_normalize": ("none", "relative")}
+
+
+def test_all_linear_lora_trains_every_linear_saves_peft_and_loads_back_to_the_same_model(tiny_sd, images,
+                                                                                          tmp_path):
+    run_train("--model", tiny_sd[0], "--data", images, "--out", tmp_path, "--max-steps", 2, *TINY,
+              "--lora-targets", "all-linear")
+    saved = load_file(tmp_path / "smooth_lora.safetensors")
+    unet = checkpoint.load_models(tiny_sd[0]).unet
+    linears = {n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert {k.removeprefix("unet.").rsplit(".lora_", 1)[0] for k in saved} == linears
+    assert any(".ff." in n for n in linears) and any("time_emb" in n for n in linears)  # beyond attention
+    assert all(v.abs().max() > 0 for k, v in saved.items() if k.endswith("lora_B.weight"))  # all trained
+    # The file alone rebuilds the trained UNet: equal to the LoRA weights in the checkpoint, and its
+    # output differs from the base model's.
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    x, t, text = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        before = unet(x, t, text)
+        assert len(lora.load_lora(unet, tmp_path / "smooth_lora.safetensors")) == len(linears)
+        after = unet(x, t, text)
+    trained = {k: v for k, v in unet.named_parameters() if "lora" in k}
+    assert trained.keys() == state["lora"].keys()
+    assert all(torch.equal(trained[k], state["lora"][k]) for k in trained)
+    assert (after - before).abs().max() > 1e-6
+
+
+def test_a_resume_never_changes_the_lora_targets_and_older_checkpoints_count_as_attention():
+    cfg, _ = train.parse_args(["--lora-targets", "all-linear", "--resume-override", "lora_targets"])
+    with pytest.raises(ValueError, match="--lora-targets: saved attention, now all-linear"):
+        train.resume_changes(cfg, {**dataclasses.asdict(cfg), "lora_targets": "attention"})
+    cfg, _ = train.parse_args([])
+    older = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("lora_targets", "reg_normalize")}
+    assert train.resume_changes(cfg, older) == {}
