@@ -470,6 +470,13 @@ def reconstruction_table(results, names):
 QUALITY_BUDGET = 0.10  # issue 11: FID-proxy and caption accuracy within 10% of the control
 
 
+def relative_change(value, reference):
+    """value / reference - 1; a control at 0 (a caption accuracy of tiny models) gives 0 or +-inf."""
+    if reference == 0:
+        return 0.0 if value == 0 else float(np.sign(value)) * float("inf")
+    return value / reference - 1
+
+
 def tradeoff(row, control_row):
     """A regularized run against its control: ISTD change (mean of the four cells' relative paired
     differences, and the cell nearest zero), FID-proxy and caption-accuracy change (relative), and
@@ -478,8 +485,8 @@ def tradeoff(row, control_row):
     if len(diffs) < 4 or "fid_proxy" not in row or "fid_proxy" not in control_row:
         return None
     relative = [d["relative"] for d in diffs.values()]
-    fid = row["fid_proxy"] / control_row["fid_proxy"] - 1  # higher is worse
-    caption = row["caption_accuracy"] / control_row["caption_accuracy"] - 1  # lower is worse
+    fid = relative_change(row["fid_proxy"], control_row["fid_proxy"])  # higher is worse
+    caption = relative_change(row["caption_accuracy"], control_row["caption_accuracy"])  # lower is worse
     return {"istd": float(np.mean(relative)), "istd_nearest_zero": min(relative, key=abs), "fid_proxy": fid,
             "caption_accuracy": caption, "holds": row["holds"],
             "within_budget": fid <= QUALITY_BUDGET and caption >= -QUALITY_BUDGET}

@@ -245,6 +245,7 @@ def test_the_tradeoff_is_the_mean_relative_istd_change_and_the_quality_proxies_a
     assert ours["within_budget"] and ours["holds"] == -1  # FID-proxy +8%: inside the 10% budget
     assert points["paper"]["caption_accuracy"] == pytest.approx(-0.2) and not points["paper"]["within_budget"]
     assert "| no |" in next(l for l in tables.tradeoff_table(results) if l.startswith("| paper's form"))
+    assert tables.relative_change(0.5, 0.0) == float("inf") and tables.relative_change(0.0, 0.0) == 0.0
     tables.save_tradeoff_plot(tmp_path / "tradeoff.png", points)
     assert Image.open(tmp_path / "tradeoff.png").size == (640, 440)
 
