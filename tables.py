@@ -827,7 +827,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     s = start(args)
     s.out.mkdir(parents=True, exist_ok=True)
-    toy.prepare_data(args.data)
+    try:
+        toy.prepare_data(args.data)
+    except ValueError as e:
+        raise SystemExit(f"tables.py: error: {e}")
     runs = [n for n in dict.fromkeys(s.names.values()) if s.plan[n].flags is not None]
     wanted = selected_runs(s, args.runs)
     runs = [n for n in runs if n in wanted]

@@ -20,6 +20,7 @@ The measuring instruments (an attribute classifier, a Frechet distance, paired s
     python toy.py data FOLDER # write toy images + captions (train.py's folder format)
 """
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -125,19 +126,38 @@ def make_images(n, seed=0, split="train"):
     return np.stack([draw(a) for a in attributes]), attributes
 
 
-def prepare_data(folder, n=2000, seed=0, split="train"):
-    """Write n images of a split as 00000.png + 00000.txt (the folder layout train.py reads).
+DATA_RECORD = "toy_data.json"  # what prepare_data wrote: its arguments and the fingerprint of the images
 
-    Nothing is written when the folder already holds images; returns the folder as a Path.
-    """
+
+def data_fingerprint(images, attributes):
+    """sha256 of the pixels and captions: changes whenever toy.py would draw other training images."""
+    h = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+    h.update("\n".join(map(caption, attributes)).encode())
+    return h.hexdigest()
+
+
+def prepare_data(folder, n=2000, seed=0, split="train"):
+    """Write n images of a split as 00000.png + 00000.txt (the folder layout train.py reads) and
+    DATA_RECORD. A folder that already holds them is reused (nothing written) only if this toy.py
+    would draw the same images; otherwise a ValueError says to delete it (a folder made by an older
+    toy.py would silently fine-tune on another world). Returns the folder as a Path."""
     folder = Path(folder)
+    images, attributes = make_images(n, seed, split)  # ~0.5 s for 2000
+    record = {"n": n, "seed": seed, "split": split, "sha256": data_fingerprint(images, attributes)}
     if folder.is_dir() and any(folder.glob("*.png")):
+        record_path = folder / DATA_RECORD
+        saved = json.loads(record_path.read_text()) if record_path.is_file() else None
+        if saved != record:
+            raise ValueError(f"{folder} holds images that this toy.py does not draw ("
+                             f"{'no ' + DATA_RECORD if saved is None else 'another ' + DATA_RECORD}: made by "
+                             f"another version or other arguments); delete the folder to have it written again, "
+                             f"or pass --data with your own images.")
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    images, attributes = make_images(n, seed, split)
     for i, (image, a) in enumerate(zip(images, attributes)):
         Image.fromarray(image).save(folder / f"{i:05d}.png")
         (folder / f"{i:05d}.txt").write_text(caption(a) + "\n")
+    (folder / DATA_RECORD).write_text(json.dumps(record, indent=1))  # last: a killed write is not reused
     return folder
 
 

@@ -266,7 +266,10 @@ def use_toy_world(cfg, explicit, master):
     if cfg.data is None:
         cfg.data = str(ROOT / "data" / "toy")
         if master:
-            toy.prepare_data(cfg.data)  # writes the images once; a no-op when they are there
+            try:
+                toy.prepare_data(cfg.data)  # writes the images once; then checks they are this toy.py's
+            except ValueError as e:
+                raise SystemExit(f"train.py: error: {e}")
     if cfg.out is None:
         cfg.out = str(ROOT / "runs" / "toy")
     if cfg.validate_every and cfg.validation_prompts is None:

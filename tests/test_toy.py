@@ -65,6 +65,22 @@ def test_prepare_data_writes_the_caption_folder_that_train_reads(tmp_path):
         assert torch.equal(item["pixels"], toy.to_pixels(images[i:i + 1])[0])
 
 
+def test_prepare_data_reuses_only_a_folder_that_this_toy_py_would_draw(tmp_path, monkeypatch):
+    folder = toy.prepare_data(tmp_path / "toy", n=4, seed=2)
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    assert toy.prepare_data(folder, n=4, seed=2) == folder  # the same images: reused
+    with pytest.raises(ValueError, match="another toy_data.json"):
+        toy.prepare_data(folder, n=4, seed=3)  # other arguments
+    monkeypatch.setitem(toy.SIZES, "small", (4.0, 5.5))  # an older toy.py drew smaller shapes
+    with pytest.raises(ValueError, match="delete the folder"):
+        toy.prepare_data(folder, n=4, seed=2)
+    (folder / toy.DATA_RECORD).unlink()  # a folder of images without the record (e.g. an older version)
+    with pytest.raises(ValueError, match="no toy_data.json"):
+        toy.prepare_data(folder, n=4, seed=2)
+    assert {f.name: f.read_bytes() for f in folder.iterdir() if f.name != toy.DATA_RECORD} == \
+        {k: v for k, v in before.items() if k != toy.DATA_RECORD}  # nothing was overwritten
+
+
 def test_heldout_prompts_file_is_the_heldout_captions():
     lines = toy.HELDOUT_PROMPTS.read_text().splitlines()
     assert lines == toy.heldout_prompts() and len(lines) == 2 * len(toy.HELDOUT)
