@@ -233,13 +233,15 @@ def sha256(path):
 
 def train_run(name, flags, model, data, cache, threads=1):
     """Train one LoRA with train.py in a subprocess, or reuse it: a run is cached when its
-    smooth_lora.safetensors exists and was made by the same flags, from the same base UNet, by the same
-    training code (TRAINING_CODE).
+    smooth_lora.safetensors exists and was made by the same flags, from the same base UNet and toy images
+    (toy.DATA_RECORD), by the same training code (TRAINING_CODE).
     Returns {"lora", "wall_s" (of the subprocess), "train_loop_s" (train.py's own clock), "cached"}."""
     out = Path(cache) / name
     args = ["--model", str(model), "--data", str(data), "--out", str(out), *train_flags(flags)]
+    record = Path(data) / toy.DATA_RECORD  # the fingerprint of toy images (other data: its path only)
     key = {"args": args, "base_unet": sha256(Path(model) / "unet" / "diffusion_pytorch_model.safetensors"),
-           "code": {f: sha256(ROOT / f) for f in TRAINING_CODE if (ROOT / f).is_file()}}
+           "code": {f: sha256(ROOT / f) for f in TRAINING_CODE if (ROOT / f).is_file()},
+           "data": sha256(record) if record.is_file() else None}
     record_path = out / "tables_run.json"
     if (out / "smooth_lora.safetensors").is_file() and record_path.is_file():
         record = json.loads(record_path.read_text())

@@ -335,6 +335,8 @@ def test_train_run_trains_through_train_py_once_and_then_reuses_the_lora(tiny_sd
     mtime = lora_file.stat().st_mtime_ns
     second = tables.train_run("paper", flags, tiny_sd[0], data, tmp_path / "cache")
     assert second["cached"] and second["lora"] == first["lora"] and lora_file.stat().st_mtime_ns == mtime
+    (data / toy.DATA_RECORD).write_text("{}")  # other toy images under the same path: trained again
+    assert not tables.train_run("paper", flags, tiny_sd[0], data, tmp_path / "cache")["cached"]
 
 
 def test_runs_option_selects_the_named_runs_and_the_controls_they_are_paired_with():
