@@ -503,7 +503,7 @@ def tradeoff_points(results):
         if not row.get("reference") or row["run"] in seen or row["run"].startswith("control"):
             continue
         seen.add(row["run"])
-        point = tradeoff(row, next((r for r in rows.values() if r["run"] == row["reference"]), {}))
+        point = tradeoff(row, rows.get(row["reference"], {}))  # the reference is a run's (plan) name
         if point is not None:
             points[row["run"]] = {**point, "label": row["label"]}
     return points

@@ -150,6 +150,13 @@ OPTIMIZATION_SETTINGS = ("model", "data", "data_root", "resolution", "batch_size
                          "mixed_precision")
 SHAPE_SETTINGS = ("rank", "lora_targets", "reg_timestep_buckets")  # never changed by --resume-override
 NEWER_SETTINGS = dict(reg_normalize="none", lora_targets="attention")  # older checkpoints trained like this
+# --lora-targets -> (inject_lora's targets, save_lora's layout): the official layout names attention only.
+LORA_TARGETS = {"attention": (lora.ATTENTION_TARGETS, "official"), "all-linear": (None, "peft")}
+
+
+def saved_settings(config):
+    """A checkpoint's config, with the settings added after it was written at the values it trained with."""
+    return {**NEWER_SETTINGS, **config}
 # The toy world's validation defaults, unless toy.TRAIN_DEFAULTS sets them.
 TOY_VALIDATION = dict(validate_every=50)
 
@@ -297,7 +304,7 @@ def finished_run(cfg):
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception:  # unreadable: train it again
         return False
-    same = {k: v for k, v in {**NEWER_SETTINGS, **state.get("config", {})}.items() if k != "resume"} == \
+    same = {k: v for k, v in saved_settings(state.get("config", {})).items() if k != "resume"} == \
         {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}
     return same and state.get("step") == cfg.max_steps
 
@@ -423,7 +430,8 @@ def atomic_save(path, write):
 
 
 def save_checkpoint(out, unet, optimizer, scaler, reg, step, samples_seen, cfg, skipped):
-    atomic_save(out / "smooth_lora.safetensors", lambda p: lora.save_lora(unet, p, layout=lora_layout(cfg)))
+    layout = LORA_TARGETS[cfg.lora_targets][1]
+    atomic_save(out / "smooth_lora.safetensors", lambda p: lora.save_lora(unet, p, layout=layout))
     state = {
         "lora": {k: v.detach().cpu() for k, v in unet.named_parameters() if v.requires_grad},
         "optimizer": optimizer.state_dict(),
@@ -437,11 +445,6 @@ def save_checkpoint(out, unet, optimizer, scaler, reg, step, samples_seen, cfg, 
         "skipped": sorted(skipped),
     }
     atomic_save(out / "state.pt", lambda p: torch.save(state, p))
-
-
-def lora_layout(cfg):
-    """The official Smooth-LoRA layout names attention projections only; other targets need peft's."""
-    return "official" if cfg.lora_targets == "attention" else "peft"
 
 
 def save_snapshot(out, unet, step, keep, layout="official"):
@@ -479,7 +482,7 @@ def _same_setting(name, saved, now):
 def resume_changes(cfg, saved_config):
     """{setting: (saved, now)} for the optimization settings that differ; ValueError for those not named
     by --resume-override (a resume does not silently train something else)."""
-    saved_config = {**NEWER_SETTINGS, **saved_config}  # a checkpoint older than a setting trained with its default
+    saved_config = saved_settings(saved_config)
     changes = {name: (saved_config.get(name), getattr(cfg, name)) for name in OPTIMIZATION_SETTINGS
                if not _same_setting(name, saved_config.get(name), getattr(cfg, name))}
     refused = {k: v for k, v in changes.items() if k not in overridden(cfg) or k in SHAPE_SETTINGS}
@@ -662,8 +665,7 @@ def add_lora(cfg, sd, world, num_train_timesteps):
     torch.manual_seed(cfg.seed)  # the LoRA init; identical on every rank
     for part in (sd.unet, sd.vae, sd.text_encoder):
         part.requires_grad_(False).eval()
-    targets = lora.ATTENTION_TARGETS if cfg.lora_targets == "attention" else None  # None: every nn.Linear
-    lora.inject_lora(sd.unet, rank=cfg.rank, targets=targets)
+    lora.inject_lora(sd.unet, rank=cfg.rank, targets=LORA_TARGETS[cfg.lora_targets][0])
     lora_params = lora.freeze_all_but_lora(sd.unet)  # fp32, whatever the frozen weights' dtype
     if cfg.gradient_checkpointing:
         sd.unet.enable_gradient_checkpointing()
@@ -799,7 +801,7 @@ def train(cfg, world):
                 record.update(validate(cfg, sd, schedule, latent_shape, step, out, world, autocast))
             append_log(log_path, record)
             if due(step, cfg.snapshot_every, 0):
-                save_snapshot(out, sd.unet, step, cfg.keep_snapshots, lora_layout(cfg))
+                save_snapshot(out, sd.unet, step, cfg.keep_snapshots, LORA_TARGETS[cfg.lora_targets][1])
         if step % cfg.save_every == 0 or step == cfg.max_steps or stop_signal:
             skipped = all_gather_union(skipped, world)
             if world.master:
