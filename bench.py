@@ -29,6 +29,7 @@ import contextlib
 import ctypes
 import dataclasses
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -377,11 +378,21 @@ def unet_parity(device, cfg_name="sd15", side=64, batch=2, dtypes=("float32", "f
 
 
 def toy_run(precision, steps, out, extra=()):
-    """`train.py --mixed-precision P --max-steps N` on the toy world, in a subprocess -> its last log line
-    (loss, Eq. 9 penalty, ...) and ok = exit status 0 with a finite loss."""
-    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
-           "--mixed-precision", precision, "--max-steps", str(steps), "--save-every", str(steps),
-           "--out", str(out), *extra]
+    """`train.py --mixed-precision P --max-steps N` with the toy world's settings, in a subprocess -> its
+    last log line (loss, Eq. 9 penalty, ...) and ok = exit status 0 with a finite loss.
+
+    The toy model and images are named with --model and --data, so train.py trains this one LoRA and
+    stops: none of the toy world's extras (the lambda-0 control, validation strips, the paired report),
+    which are CPU-bound minutes and no test of the GPU path."""
+    import toy
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    data = os.path.join(here, "data", "toy")
+    toy.prepare_data(data)
+    settings = {**toy.TRAIN_DEFAULTS, "max_steps": steps, "save_every": steps}
+    cmd = [sys.executable, os.path.join(here, "train.py"), "--model", str(toy.MODEL_DIR), "--data", data,
+           *(f"--{name.replace('_', '-')}={value}" for name, value in settings.items()),
+           "--mixed-precision", precision, "--out", str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return dict(precision=precision, ok=False, error=proc.stderr[-2000:])

@@ -1,6 +1,7 @@
 """bench.py's 512 px budget (`--budget`) and GPU check (`--gpu-check`): the pieces, on CPU and tiny
 configs, so the GPU run calls only tested code (no timing assertions)."""
 import json
+import math
 import os
 
 import pytest
@@ -86,6 +87,15 @@ def test_toy_run_passes_train_py_a_valid_command_line(tmp_path):
         pytest.skip("fp16 runs on this machine")
     result = bench.toy_run("fp16", 20, os.fspath(tmp_path / "fp16"))
     assert not result["ok"] and "fp16" in result["error"] and "unrecognized arguments" not in result["error"]
+
+
+def test_toy_run_trains_one_lora_and_reads_its_last_log_line(tmp_path):
+    """A real 2-step toy run in fp32 (CPU here): ok with a finite loss from log.jsonl, and none of the
+    toy world's extras (the lambda-0 control, the paired report), which took minutes on a GPU machine."""
+    result = bench.toy_run("no", 2, os.fspath(tmp_path / "no"), extra=("--threads", "1"))
+    assert result["ok"] and result["step"] == 2 and math.isfinite(result["loss"]), result
+    assert (tmp_path / "no" / "smooth_lora.safetensors").is_file()
+    assert not (tmp_path / "no" / "control").exists() and not (tmp_path / "no" / "report.json").exists()
 
 
 def test_gpu_check_reports_every_part_and_fails_on_a_failed_toy_run(tiny, monkeypatch, tmp_path, capsys):
