@@ -385,14 +385,14 @@ def toy_run(precision, steps, out, extra=()):
     stops: none of the toy world's extras (the lambda-0 control, validation strips, the paired report),
     which are CPU-bound minutes and no test of the GPU path."""
     import toy
+    from tables import train_flags
 
     here = os.path.dirname(os.path.abspath(__file__))
     data = os.path.join(here, "data", "toy")
     toy.prepare_data(data)
     settings = {**toy.TRAIN_DEFAULTS, "max_steps": steps, "save_every": steps}
     cmd = [sys.executable, os.path.join(here, "train.py"), "--model", str(toy.MODEL_DIR), "--data", data,
-           *(f"--{name.replace('_', '-')}={value}" for name, value in settings.items()),
-           "--mixed-precision", precision, "--out", str(out), *extra]
+           *train_flags(settings), "--mixed-precision", precision, "--out", str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return dict(precision=precision, ok=False, error=proc.stderr[-2000:])

@@ -157,6 +157,8 @@ LORA_TARGETS = {"attention": (lora.ATTENTION_TARGETS, "official"), "all-linear":
 def saved_settings(config):
     """A checkpoint's config, with the settings added after it was written at the values it trained with."""
     return {**NEWER_SETTINGS, **config}
+
+
 # The toy world's validation defaults, unless toy.TRAIN_DEFAULTS sets them.
 TOY_VALIDATION = dict(validate_every=50)
 
@@ -447,7 +449,7 @@ def save_checkpoint(out, unet, optimizer, scaler, reg, step, samples_seen, cfg, 
     atomic_save(out / "state.pt", lambda p: torch.save(state, p))
 
 
-def save_snapshot(out, unet, step, keep, layout="official"):
+def save_snapshot(out, unet, step, keep, layout):
     """OUT/smooth_lora-step{N}.safetensors, then the oldest removed beyond the newest `keep` (0: keep all)."""
     atomic_save(out / f"smooth_lora-step{step}.safetensors", lambda p: lora.save_lora(unet, p, layout=layout))
     snapshots = sorted(out.glob("smooth_lora-step*.safetensors"), key=lambda p: int(p.stem.split("-step")[1]))
