@@ -11,7 +11,7 @@ What is here, in the order of the paper:
     (which also holds Table 2's MSE / PSNR / SSIM / LPIPS).
 
 `unet` is any callable `(x, t, context) -> eps` (our `unet.UNet` is one); timesteps are passed to it
-as a [B] LongTensor. The demo CLI is in sampler_cli.py: run `python sampler.py` for the toy
+as a [B] LongTensor. The demo CLI is in demos/cli.py: run `python sampler.py` for the toy
 interpolation demo, or e.g.
 
     python sampler.py interpolate --model PATH --lora smooth_lora.safetensors --prompt "a cat"
@@ -21,7 +21,6 @@ interpolation demo, or e.g.
 
 `python sampler.py COMMAND --help` lists every option with the paper's defaults.
 """
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -389,6 +388,7 @@ def evaluate_istd(unet, vae, encode_prompt, prompts, *, latent_shape=(4, 64, 64)
                          "interpolation": "slerp", "pixel_range": "[0, 1]", "std": "population (ddof=0)"}}
 
 
-if __name__ == "__main__":  # the demo CLI lives in sampler_cli.py; `python sampler.py COMMAND ...` runs it
-    import sampler_cli
-    sys.exit(sampler_cli.main())
+if __name__ == "__main__":  # `python sampler.py COMMAND ...` runs the demo CLI (demos/cli.py); this module
+    import runpy  # never imports it: the CLI imports the sampler, not the other way round
+
+    runpy.run_module("demos", run_name="__main__")

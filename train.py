@@ -159,15 +159,15 @@ def saved_settings(config):
     return {**NEWER_SETTINGS, **config}
 
 
-# The toy world's validation defaults, unless toy.TRAIN_DEFAULTS sets them.
+# The toy world's validation defaults, unless main_job.TRAIN_DEFAULTS sets them.
 TOY_VALIDATION = dict(validate_every=50)
 
 
 def toy_defaults():
-    """The values a run without --model uses where no flag is given (toy.TRAIN_DEFAULTS)."""
-    import toy
+    """The values a run without --model uses where no flag is given (main_job.TRAIN_DEFAULTS)."""
+    from toy import main_job
 
-    return {**TOY_VALIDATION, **toy.TRAIN_DEFAULTS}
+    return {**TOY_VALIDATION, **main_job.TRAIN_DEFAULTS}
 
 
 def build_parser(defaults=None):
@@ -266,7 +266,7 @@ def overridden(cfg):
 def use_toy_world(cfg, explicit, master):
     """No --model: train on the toy world (toy.py), with its smaller defaults unless a flag was given,
     and validation strips on 4 of its held-out prompts."""
-    import toy
+    from toy import world
 
     cfg.model = str(ROOT / "assets" / "toy-sd")
     for name, value in toy_defaults().items():
@@ -276,7 +276,7 @@ def use_toy_world(cfg, explicit, master):
         cfg.data = str(ROOT / "data" / "toy")
         if master:
             try:
-                toy.prepare_data(cfg.data)  # writes the images once; then checks they are this toy.py's
+                world.prepare_data(cfg.data)  # writes the images once; then checks they are this toy.py's
             except ValueError as e:
                 raise SystemExit(f"train.py: error: {e}")
     if cfg.out is None:
@@ -284,7 +284,7 @@ def use_toy_world(cfg, explicit, master):
     if cfg.validate_every and cfg.validation_prompts is None:
         cfg.validation_prompts = str(Path(cfg.out) / "validation" / "prompts.txt")
         if master:
-            every = toy.heldout_prompts()  # spread over the held-out triples, alternating sizes
+            every = world.heldout_prompts()  # spread over the held-out triples, alternating sizes
             Path(cfg.validation_prompts).parent.mkdir(parents=True, exist_ok=True)
             Path(cfg.validation_prompts).write_text("".join(every[k * len(every) // 4 + k % 2] + "\n"
                                                             for k in range(4)))
@@ -313,13 +313,13 @@ def finished_run(cfg):
 
 def report_toy_world(cfg, control_out, result):
     """After a finished toy-world run: toy.py's paired report, Smooth-LoRA against the lambda-0 control."""
-    import toy
+    from toy import report
 
     loras = {"control": str(Path(control_out) / "smooth_lora.safetensors") if control_out else None,
              "smooth": str(result.lora_path)}
     if control_out is None:  # the run itself has lambda 0: compare it with the base model instead
         loras = {"base": None, "lora (lambda 0)": str(result.lora_path)}
-    toy.report(cfg.model, loras, cfg.out, reference=next(iter(loras)))
+    report.report(cfg.model, loras, cfg.out, reference=next(iter(loras)))
 
 
 # ------------------------------------------------------------------------------ one micro-step

@@ -57,12 +57,12 @@ def make_tiny_diffusers_sd(folder, seed=0):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    import toy
+    from toy import pretrain
 
     torch.manual_seed(seed)
     unet = perturb_(UNet2DConditionModel(**TINY_UNET), seed + 1)
     vae = perturb_(AutoencoderKL(**TINY_VAE), seed + 2, scale=0.02)
-    tok_dir = toy.write_clip_tokenizer(Path(folder) / "_tok", TINY_WORDS)
+    tok_dir = pretrain.write_clip_tokenizer(Path(folder) / "_tok", TINY_WORDS)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,

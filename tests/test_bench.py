@@ -1,4 +1,4 @@
-"""bench.py: each training-step mode runs what train.py's option does (no timing assertions).
+"""bench/speed.py: each training-step mode runs what train.py's option does (no timing assertions).
 
 Every mode is measured in-process on the tiny UNet; the UNet's forward, the optimizer, the Eq. 10
 norm and the Eq. 9 penalty are wrapped to record what the step really did.
@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import TINY_UNET
 
-import bench
+from bench import speed as bench
 import ops
 import regularizer
 import unet as unet_module

@@ -1,4 +1,4 @@
-"""bench.py's 512 px budget (`--budget`) and GPU check (`--gpu-check`): the pieces, on CPU and tiny
+"""bench/speed.py's 512 px budget (`--budget`) and GPU check (`--gpu-check`): the pieces, on CPU and tiny
 configs, so the GPU run calls only tested code (no timing assertions)."""
 import json
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import TINY_UNET
 
-import bench
+from bench import speed as bench
 import unet as unet_module
 
 
@@ -21,7 +21,7 @@ def tiny(monkeypatch):
 def test_gpu_check_without_cuda_is_a_clear_error(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--device", "cuda", "--gpu-check"])
-    assert str(e.value.code).startswith("bench.py: error: --device cuda") and "no CUDA GPU" in e.value.code
+    assert str(e.value.code).startswith("python -m bench: error: --device cuda") and "no CUDA GPU" in e.value.code
 
 
 def test_gpu_check_needs_device_cuda(capsys):

@@ -1,6 +1,6 @@
 """The GPU path on a GPU: `pytest -m cuda` (every test here is marked `cuda` and skipped without one).
 
-With `python bench.py --device cuda --gpu-check` (SD-1.5 parity, the 512 px step at batch 1 and 3,
+With `python -m bench --device cuda --gpu-check` (SD-1.5 parity, the 512 px step at batch 1 and 3,
 20-step toy runs) this is the check to run the first time a GPU is available (README, Speed). Each
 test runs a piece that the CPU suite also runs on the CPU, here with CUDA's kernels.
 """
@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import TINY_VAE, perturb_
 
-import bench
+from bench import speed as bench
 import ops
 from checkpoint import vae_from_config
 from test_devices import check_mixed_precision_step

@@ -180,9 +180,9 @@ def test_incomplete_or_wrong_weights_say_what_to_pass(oracle_and_files, tmp_path
 def test_sampler_invert_reports_lpips(tiny_sd, tmp_path):
     """`sampler.py invert --lpips-weights` adds LPIPS beside MSE/PSNR/SSIM; without it, nothing is needed."""
     import checkpoint
-    import media
+    from demos import media
     import sampler
-    import sampler_cli
+    from demos import cli as sampler_cli
     lpips, tv = import_oracle()
     torch.manual_seed(0)
     torch.save(tv.alexnet().state_dict(), tmp_path / "alexnet.pth")

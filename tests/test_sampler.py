@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 import checkpoint
-import media
+from demos import media
 import metrics
 import sampler
-import sampler_cli
+from demos import cli as sampler_cli
 from conftest import ROOT, SD15_SCHEDULER
 
 
@@ -434,7 +434,7 @@ def test_cli_lora_flag_loads_the_lora_into_the_unet(cli, tiny_sd, tmp_path):
 def test_no_arguments_runs_the_interpolation_demo_on_the_toy_model(tiny_sd, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sampler_cli, "DEMO_MODEL", tmp_path / "toy-sd")  # not built yet: a clear message
-    with pytest.raises(SystemExit, match="toy.py pretrain"):
+    with pytest.raises(SystemExit, match="python -m toy pretrain"):
         sampler_cli.main([])
     monkeypatch.setattr(sampler_cli, "DEMO_MODEL", tiny_sd[0])  # stands in for assets/toy-sd
     monkeypatch.setattr(sampler_cli, "DEMO_LORA", tmp_path / "no-lora-yet.safetensors")

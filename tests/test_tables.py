@@ -1,5 +1,5 @@
-"""tables.py: the paired statistics and the "holds in all four cells" rule on synthetic numbers, the run
-flags derived from toy.py, the strips of a cell, the markdown, and the whole --quick pipeline on a tiny
+"""toy/tables.py: the paired statistics and the "holds in all four cells" rule on synthetic numbers, the run
+flags derived from toy/main_job.py, the strips of a cell, the markdown, and the whole --quick pipeline on a tiny
 random SD (training stubbed; one real train.py run checks the subprocess and its cache)."""
 import json
 
@@ -10,8 +10,7 @@ from PIL import Image
 
 import lora
 import sampler
-import tables
-import toy
+from toy import main_job, tables, world
 import train
 from conftest import perturb_
 
@@ -91,14 +90,14 @@ def parsed(flags):
 
 def test_the_plan_derives_every_run_from_toy_defaults_and_the_two_forms():
     plan = tables.plan_runs(FULL)
-    common = {k: v for k, v in toy.TRAIN_DEFAULTS.items() if k not in toy.OUR_FORM}
-    assert plan["ours"].flags == toy.TRAIN_DEFAULTS == {**common, **toy.OUR_FORM}  # the main job's run
-    assert plan["paper"].flags == {**common, **toy.PAPER_FORM}
+    common = {k: v for k, v in main_job.TRAIN_DEFAULTS.items() if k not in main_job.OUR_FORM}
+    assert plan["ours"].flags == main_job.TRAIN_DEFAULTS == {**common, **main_job.OUR_FORM}  # the main job's run
+    assert plan["paper"].flags == {**common, **main_job.PAPER_FORM}
     # Both forms differ only in lambda and reg_* flags, inert at lambda 0: one control, trained as
     # train.control_config trains the main job's (TRAIN_DEFAULTS at lambda 0) up to those inert flags.
     assert plan["control"].flags == {**common, "lambda_reg": 0.0}
-    assert {k: v for k, v in toy.TRAIN_DEFAULTS.items() if k not in plan["control"].flags} == \
-        {k: v for k, v in toy.OUR_FORM.items() if k.startswith("reg_")}
+    assert {k: v for k, v in main_job.TRAIN_DEFAULTS.items() if k not in plan["control"].flags} == \
+        {k: v for k, v in main_job.OUR_FORM.items() if k.startswith("reg_")}
     assert plan["paper"].control == plan["ours"].control == plan["base"].control == "control"
     for form in ("paper", "ours"):
         assert plan[f"{form}_seed1"].flags == {**plan[form].flags, "seed": 1}
@@ -109,7 +108,7 @@ def test_the_plan_derives_every_run_from_toy_defaults_and_the_two_forms():
             assert plan[f"control_steps{steps}"].flags["max_steps"] == steps
     assert plan["control_seed1"].control == "control" and plan["control"].control is None
     assert [plan[f"paper_lambda{x:g}"].flags["lambda_reg"] for x in (0.1, 1, 10, 100)] == [0.1, 1.0, 10.0, 100.0]
-    lam = toy.OUR_FORM["lambda_reg"]
+    lam = main_job.OUR_FORM["lambda_reg"]
     assert [plan[n].flags["lambda_reg"] for n in tables.table_rows(FULL)["lambda"] if n.startswith("ours")] == \
         pytest.approx([lam / 3, lam, 3 * lam, 10 * lam])
     names = tables.canonical(plan)  # the same flags: trained and scored once
@@ -132,8 +131,8 @@ def test_train_py_parses_every_runs_flags_to_exactly_those_values(name):
 
 def test_changing_our_form_in_toy_changes_the_runs_without_editing_tables(monkeypatch):
     our_form = dict(lambda_reg=12.0, reg_normalize="none", reg_timestep_buckets=10, lr=3e-3)
-    monkeypatch.setattr(toy, "OUR_FORM", our_form)
-    monkeypatch.setattr(toy, "TRAIN_DEFAULTS", {**toy.TRAIN_DEFAULTS, **our_form})
+    monkeypatch.setattr(main_job, "OUR_FORM", our_form)
+    monkeypatch.setattr(main_job, "TRAIN_DEFAULTS", {**main_job.TRAIN_DEFAULTS, **our_form})
     monkeypatch.setitem(tables.FORMS, "ours", our_form)
     plan = tables.plan_runs(FULL)
     assert plan["ours"].flags["lambda_reg"] == 12.0 and plan["ours"].flags["lr"] == 3e-3
@@ -144,7 +143,7 @@ def test_changing_our_form_in_toy_changes_the_runs_without_editing_tables(monkey
     # A flag that OUR_FORM sets and PAPER_FORM does not is train.py's default in the paper's runs (and
     # their control): a form is all its flags say, nothing inherited from the other form.
     assert "lr" not in plan["paper"].flags and "lr" not in plan["control_paper"].flags
-    assert plan["paper"].flags == {**plan["control_paper"].flags, **toy.PAPER_FORM}
+    assert plan["paper"].flags == {**plan["control_paper"].flags, **main_job.PAPER_FORM}
 
 
 def test_the_estimate_counts_the_runs_steps_and_strips():
@@ -164,12 +163,12 @@ def test_plan_prints_every_run_and_the_estimate_and_trains_nothing(capsys, monke
 
 
 def test_edit_targets_change_only_the_shape_colour_and_never_to_the_background():
-    for shape, colour, background in toy.triples("all"):
+    for shape, colour, background in world.triples("all"):
         a = dict(shape=shape, colour=colour, background=background, size="small")
         target = tables.edit_target(a)
-        words, source = target.split(), toy.caption(a).split()
+        words, source = target.split(), world.caption(a).split()
         changed = [i for i, (x, y) in enumerate(zip(words, source)) if x != y]
-        assert changed == [2], (target, toy.caption(a))  # "a small <colour> circle ..."
+        assert changed == [2], (target, world.caption(a))  # "a small <colour> circle ..."
         assert words[2] not in (colour, background)
 
 
@@ -204,16 +203,16 @@ def test_markdown_has_every_table_the_holds_column_and_pending_rows():
     scores = {"control": {c: fake_cell(control[c], rng) for c in CELLS},
               "ours": {c: fake_cell(control[c] - 0.25, rng) for c in CELLS},
               "paper": {c: fake_cell(control[c] + (0.1 if c == "B25" else -0.1), rng) for c in CELLS}}
-    results = {"command": "python tables.py", "cache": "runs/tables", "protocol_text": "64 strips.",
+    results = {"command": "python -m toy tables", "cache": "runs/tables", "protocol_text": "64 strips.",
                "protocol": {"recon_images": 32, "step_counts": [25, 50], "edit_r": 0.8}, "cells": CELLS,
                "quality_cell": "A50", "total_s": 600.0, "runs": {}, "reconstruction": {}, "common": {},
-               "tables": tables.table_rows(FULL), "prompts": toy.heldout_prompts(), "figure_rows": []}
+               "tables": tables.table_rows(FULL), "prompts": world.heldout_prompts(), "figure_rows": []}
     results["rows"] = {n: tables.summary(n, plan, names, scores, FULL) for n in plan}
     md = tables.render_markdown(results)
     for title in ("Table 1", "Table 2", "Table 3", "ISTD and FID-proxy vs fine-tune length", "Seed check"):
         assert f"### {title}" in md
-    assert "`python tables.py`" in md and "rank 4" in md  # what was dropped is said
-    ours = plan["ours"].label  # "our form, lambda L" with toy.OUR_FORM's lambda
+    assert "`python -m toy tables`" in md and "rank 4" in md  # what was dropped is said
+    ours = plan["ours"].label  # "our form, lambda L" with main_job.OUR_FORM's lambda
     ours_line = next(l for l in md.splitlines() if l.startswith(f"| {ours} |"))
     relative = -0.25 / control["A50"].mean()
     assert f"{100 * relative:+.0f}% ± 0%" in ours_line and "| yes: lower |" in ours_line
@@ -269,7 +268,7 @@ def stub_train_run(name, flags, model, data, cache, threads=1):
 
 def test_quick_pipeline_writes_every_table_and_figure_then_reuses_its_cache(tiny_sd, tmp_path, monkeypatch):
     monkeypatch.setattr(tables, "train_run", stub_train_run)
-    monkeypatch.setattr(toy, "prepare_data", lambda folder: folder)
+    monkeypatch.setattr(world, "prepare_data", lambda folder: folder)
     argv = ["--quick", "--model", str(tiny_sd[0]), "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")]
     assert tables.main(argv) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -299,7 +298,7 @@ def test_quick_pipeline_writes_every_table_and_figure_then_reuses_its_cache(tiny
             r = results["reconstruction"][name][inversion]
             assert len(r["per_image"]["psnr"]) == tables.QUICK.recon_images and np.isfinite(r["mse"])
     md = (tmp_path / "out" / "tables.md").read_text()
-    assert "pending" not in md and "`python tables.py --quick`" in md
+    assert "pending" not in md and "`python -m toy tables --quick`" in md
     assert "### The trade-off" in md
     for figure in ("interpolation.png", "edit.png", "tradeoff.png"):
         assert Image.open(tmp_path / "out" / figure).size[0] > 100
@@ -316,16 +315,16 @@ def test_quick_pipeline_writes_every_table_and_figure_then_reuses_its_cache(tiny
 
 
 def test_bad_arguments_end_in_an_error_line(capsys, tmp_path):
-    with pytest.raises(SystemExit, match="tables.py: error: no model"):
+    with pytest.raises(SystemExit, match="python -m toy tables: error: no model"):
         tables.main(["--model", str(tmp_path / "nowhere")])
     with pytest.raises(SystemExit) as e:
         tables.main(["--threads", "0"])
-    assert e.value.code == 2 and "tables.py: error: --threads must be at least 1" in capsys.readouterr().err
+    assert e.value.code == 2 and "python -m toy tables: error: --threads must be at least 1" in capsys.readouterr().err
 
 
 def test_train_run_trains_through_train_py_once_and_then_reuses_the_lora(tiny_sd, tmp_path):
     data = tmp_path / "data"
-    toy.prepare_data(data, n=4)
+    world.prepare_data(data, n=4)
     flags = {**tables.plan_runs(tables.QUICK)["paper"].flags, "max_steps": 1, "resolution": 16, "save_every": 1}
     first = tables.train_run("paper", flags, tiny_sd[0], data, tmp_path / "cache")
     assert not first["cached"] and first["wall_s"] > 0
@@ -335,7 +334,7 @@ def test_train_run_trains_through_train_py_once_and_then_reuses_the_lora(tiny_sd
     mtime = lora_file.stat().st_mtime_ns
     second = tables.train_run("paper", flags, tiny_sd[0], data, tmp_path / "cache")
     assert second["cached"] and second["lora"] == first["lora"] and lora_file.stat().st_mtime_ns == mtime
-    (data / toy.DATA_RECORD).write_text("{}")  # other toy images under the same path: trained again
+    (data / world.DATA_RECORD).write_text("{}")  # other toy images under the same path: trained again
     assert not tables.train_run("paper", flags, tiny_sd[0], data, tmp_path / "cache")["cached"]
 
 

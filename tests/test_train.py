@@ -27,6 +27,7 @@ import regularizer
 import sampler
 import train
 from conftest import ROOT, perturb_
+from toy import main_job, world
 
 TINY = ["--resolution", "16", "--batch-size", "2", "--grad-accum", "2", "--num-workers", "0"]
 CAPTIONS = ["a red circle", "a blue square on a red background", "a photo of a cat", "a dog", "a blue dog"]
@@ -258,15 +259,13 @@ def test_data_order_depends_on_the_global_position_only():
 
 
 def test_toy_world_defaults_apply_unless_the_flag_was_given(monkeypatch, tmp_path):
-    import toy
-
     written = []
-    monkeypatch.setattr(toy, "prepare_data", written.append)
+    monkeypatch.setattr(world, "prepare_data", written.append)
     monkeypatch.setattr(train, "ROOT", tmp_path)
     cfg, explicit = train.parse_args(["--lr=5e-4", "--max-steps", "7"])
     train.use_toy_world(cfg, explicit, master=True)
     assert cfg.lr == 5e-4 and cfg.max_steps == 7  # given on the command line
-    for name, value in toy.TRAIN_DEFAULTS.items():
+    for name, value in main_job.TRAIN_DEFAULTS.items():
         if name not in ("lr", "max_steps"):
             assert getattr(cfg, name) == value
     assert cfg.model == str(tmp_path / "assets" / "toy-sd") and cfg.out == str(tmp_path / "runs" / "toy")
@@ -414,10 +413,9 @@ def test_bad_inputs_end_in_one_error_line_and_leave_the_run_untouched(tiny_sd, i
 
 
 def test_help_shows_the_toy_world_defaults():
-    import toy
 
     help_text = " ".join(train.build_parser().format_help().split())
-    for name, value in toy.TRAIN_DEFAULTS.items():
+    for name, value in main_job.TRAIN_DEFAULTS.items():
         assert f"toy world (no --model): {value}" in help_text, name
     assert "optimizer steps (paper: 30k); toy world (no --model): 300 (default: 30000)" in help_text
 

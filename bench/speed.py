@@ -1,10 +1,10 @@
 """Side-by-side benchmark: our models vs diffusers, and the cost of the paper's regularizer (issue 7).
 
-    python bench.py --quick                  # small configs, ~1 min on 2 CPU cores
-    python bench.py --json bench.json        # SD-1.5 configs (minutes on CPU)
-    python bench.py --device cuda            # adds bf16/fp16 and 512 px, batch 3
-    python bench.py --budget --threads 1     # the 512 px memory budget (SD-1.5 + LoRA; CPU: ~45 min)
-    python bench.py --device cuda --gpu-check   # the prepared GPU check (README, Speed)
+    python -m bench --quick                  # small configs, ~1 min on 2 CPU cores
+    python -m bench --json bench.json        # SD-1.5 configs (minutes on CPU)
+    python -m bench --device cuda            # adds bf16/fp16 and 512 px, batch 3
+    python -m bench --budget --threads 1     # the 512 px memory budget (SD-1.5 + LoRA; CPU: ~45 min)
+    python -m bench --device cuda --gpu-check   # the prepared GPU check (README, Speed)
 
 Measured, each in a fresh subprocess (so one case's memory does not leak into the next):
 - UNet forward and VAE decode, ours and diffusers' (when installed) with the SAME random weights
@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -45,6 +46,8 @@ import sampler
 import train
 from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # A small UNet (3 levels, 2 attention levels) and VAE for --quick; SD-1.5 is the configs' default.
 SMALL_UNET = dict(block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=4,
@@ -384,14 +387,14 @@ def toy_run(precision, steps, out, extra=()):
     The toy model and images are named with --model and --data, so train.py trains this one LoRA and
     stops: none of the toy world's extras (the lambda-0 control, validation strips, the paired report),
     which are CPU-bound minutes and no test of the GPU path."""
-    import toy
-    from tables import train_flags
+    from toy import main_job, world
+    from toy.tables import train_flags
 
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = ROOT
     data = os.path.join(here, "data", "toy")
-    toy.prepare_data(data)
-    settings = {**toy.TRAIN_DEFAULTS, "max_steps": steps, "save_every": steps}
-    cmd = [sys.executable, os.path.join(here, "train.py"), "--model", str(toy.MODEL_DIR), "--data", data,
+    world.prepare_data(data)
+    settings = {**main_job.TRAIN_DEFAULTS, "max_steps": steps, "save_every": steps}
+    cmd = [sys.executable, os.path.join(here, "train.py"), "--model", str(world.MODEL_DIR), "--data", data,
            *train_flags(settings), "--mixed-precision", precision, "--out", str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -425,7 +428,7 @@ def gpu_check(device, json_path=None, toy_steps=20):
     failed = [r["dtype"] for r in report["parity"] if not r["ok"]] + [r["precision"] for r in report["toy"]
                                                                        if not r["ok"]]
     if failed:
-        sys.exit(f"bench.py: the GPU check failed for {', '.join(failed)} (details above).")
+        sys.exit(f"python -m bench: the GPU check failed for {', '.join(failed)} (details above).")
     return report
 
 
@@ -433,9 +436,9 @@ def gpu_check(device, json_path=None, toy_steps=20):
 
 def run_case(case, device):
     """One case in a fresh interpreter; None if it failed (the error is printed)."""
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", json.dumps(case),
+    proc = subprocess.run([sys.executable, "-m", "bench", "--one", json.dumps(case),
                            "--device", device, "--threads", str(torch.get_num_threads())],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         print(f"  {case['name']} [{case['impl']} {case.get('mode', '')}] failed:\n{proc.stderr[-2000:]}")
         return None
@@ -470,7 +473,7 @@ def print_table(rows):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small configs only (~1 min on 2 CPU cores)")
     p.add_argument("--json", help="write all measurements and the ratio table to this file")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -484,7 +487,7 @@ def main(argv=None):
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one case as JSON, in this process
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench.py: error: --device cuda but torch.cuda.is_available() is False: no CUDA GPU (or "
+        sys.exit("python -m bench: error: --device cuda but torch.cuda.is_available() is False: no CUDA GPU (or "
                  "a CPU-only torch) here; run the GPU check on a machine with one, or use --device cpu.")
     if args.gpu_check and args.device != "cuda":
         p.error("--gpu-check runs on a GPU: add --device cuda (the CPU parts are in the test suite).")

@@ -1,4 +1,5 @@
-"""The demo CLI of sampler.py: `python sampler.py COMMAND [options]` (sampler.py hands over to `main`).
+"""The demo CLI of sampler.py: `python sampler.py COMMAND [options]` (sampler.py hands over to `main`;
+`python -m demos COMMAND` is the same).
 
 Commands: generate (images from seeds), interpolate (a noise walk through keyframes, or two real
 images, Fig. 3), invert (reconstruction metrics, Table 2), edit (Eq. 15), istd (Sec. 4.1). With no
@@ -20,13 +21,14 @@ from safetensors import SafetensorError
 
 import checkpoint
 import lora
-import media
 import metrics
 from sampler import (Schedule, ddim_invert, ddim_sample, decode_latents, edit, encode_images, evaluate_istd,
                      interpolate, interpolate_vae, make_schedule, noise_pair, null_text_invert)
 
-ROOT = Path(__file__).resolve().parent
-DEMO_MODEL = ROOT / "assets" / "toy-sd"  # built by `python toy.py pretrain`
+from demos import media
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_MODEL = ROOT / "assets" / "toy-sd"  # built by `python -m toy pretrain`
 DEMO_LORA = ROOT / "runs" / "toy" / "smooth_lora.safetensors"  # written by `python train.py`
 DEMO_PROMPT = "a large red circle on a white background"  # a caption of the toy world
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -222,7 +224,7 @@ class Loaded:
 def _load_models(args):
     if args.model == str(DEMO_MODEL) and not (DEMO_MODEL / "model_index.json").exists():
         fail(f"the toy model is not built yet ({DEMO_MODEL} has no model_index.json). "
-             "Build it with `python toy.py pretrain` (CPU, ~40 min), or pass --model PATH.")
+             "Build it with `python -m toy pretrain` (CPU, ~40 min), or pass --model PATH.")
     try:  # a wrong checkpoint, tokenizer or hub id is the user's input: say what is wrong, no traceback
         models = checkpoint.load_models(checkpoint.resolve_model(args.model), tokenizer=args.tokenizer,
                                         device=args.device, dtype=DTYPES[getattr(args, "dtype", "fp32")],

@@ -13,11 +13,11 @@ The classifier is a measuring instrument, not the model under test, so it is tra
 (shape, colour, background) triple, held-out ones included: trained on the training triples only, it
 learns shortcuts (red on blue is never a circle there) and reads the shape of held-out combinations at
 chance. Its accuracy is measured on fresh images (other seeds) of the held-out triples.
-`python toy.py pretrain` (or `python toy.py classifier`) trains it and writes
+`python -m toy pretrain` (or `python -m toy classifier`) trains it and writes
 `assets/toy-classifier.safetensors`.
 
 This module knows nothing of the toy world's vocabulary: the attribute heads ({name: class names}),
-the training images and their labels come from toy.py (`toy.HEADS`, `toy.caption_accuracy`), which
+the training images and their labels come from toy/world.py (`world.HEADS`, `world.caption_accuracy`), which
 imports this file, never the other way round.
 """
 from pathlib import Path
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-CLASSIFIER_PATH = Path(__file__).resolve().parent / "assets" / "toy-classifier.safetensors"
+CLASSIFIER_PATH = Path(__file__).resolve().parents[1] / "assets" / "toy-classifier.safetensors"
 
 
 class AttributeClassifier(nn.Module):
@@ -94,7 +94,7 @@ def save_classifier(model, path=CLASSIFIER_PATH):
 def load_classifier(path, heads):
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: train the classifier with `python toy.py pretrain`.")
+        raise FileNotFoundError(f"{path} not found: train the classifier with `python -m toy pretrain`.")
     model = AttributeClassifier(heads)
     model.load_state_dict(load_file(str(path)))
     return model.eval().requires_grad_(False)

@@ -1,37 +1,37 @@
 """The paper's tables in miniature, on the toy world, by one command (Smooth Diffusion, Sec. 4).
 
-    python tables.py            # 18 LoRA runs + every evaluation; 2 idle CPU cores, ~1.5 hours
-    python tables.py --quick    # the same pipeline with tiny step counts (a smoke test, minutes)
-    python tables.py --plan     # print the runs, their train.py flags and the time estimate; run nothing
+    python -m toy tables            # 18 LoRA runs + every evaluation; 2 idle CPU cores, ~1.5 hours
+    python -m toy tables --quick    # the same pipeline with tiny step counts (a smoke test, minutes)
+    python -m toy tables --plan     # print the runs, their train.py flags and the time estimate; run nothing
 
-The runs (`plan_runs`), every one derived from toy.py, so that changing `toy.OUR_FORM` or
-`toy.TRAIN_DEFAULTS` changes the tables without editing this file:
+The runs (`plan_runs`), every one derived from toy/main_job.py, so that changing `main_job.OUR_FORM` or
+`main_job.TRAIN_DEFAULTS` changes the tables without editing this file:
   * the control (lambda 0: the same fine-tune without the regularizer), the paper's form
-    (`toy.PAPER_FORM`) and ours (`toy.OUR_FORM`), at seed 0 and at seed 1 (the seed-1 forms are paired
+    (`main_job.PAPER_FORM`) and ours (`main_job.OUR_FORM`), at seed 0 and at seed 1 (the seed-1 forms are paired
     with the seed-1 control, the seed-1 control with the seed-0 one: what another seed alone does);
   * a lambda curve for each form: the paper's form at lambda 0.1, 1, 10, 100; ours at 1/3, 1, 3 and 10 times
     OUR_FORM's lambda (10: past the quality budget, to show the whole trade-off);
   * fine-tune length: control, paper's form and ours at max_steps 300, 1000 and 3000, each paired with
     the control of the same length.
-A run's flags are toy.TRAIN_DEFAULTS without OUR_FORM's flags (what every run shares), then the form,
+A run's flags are main_job.TRAIN_DEFAULTS without OUR_FORM's flags (what every run shares), then the form,
 then the variation. A control gets the form's flags that act without the regularizer (none today: both
 forms differ only in lambda_reg and reg_* flags, so one control serves both). Runs with identical flags
 are trained and scored once (e.g. "paper, lambda 1" is "paper", "ours, 300 steps" is "ours").
 
 The ISTD protocol (issue 11: one set of strips can show an effect another does not): every model is
 scored on TWO DISJOINT sets of noise pairs, set A (seeds 0..63) and set B (seeds 1000..1063), at TWO DDIM
-step counts (25 and 50), CFG 7.5, 11 frames; strip k uses held-out prompt k mod 24 (`toy.heldout_prompts()`)
+step counts (25 and 50), CFG 7.5, 11 frames; strip k uses held-out prompt k mod 24 (`world.heldout_prompts()`)
 and `sampler.noise_pair(set_seed + k)`. Every model sees the same strips as its control, so each of the
-four (set, steps) cells gives a paired difference (mean +- s.e. over 64 strips, `toy_metrics.
+four (set, steps) cells gives a paired difference (mean +- s.e. over 64 strips, `instruments.
 paired_difference`), reported relative to the control's mean ISTD. A claim HOLDS only if the paired
 difference has the same sign and |mean| > 2 s.e. in all four cells (`holds`). Beside ISTD, from set A at
-50 steps: the mean adjacent distance, caption accuracy and the FID-proxy (`toy.score_strips`).
+50 steps: the mean adjacent distance, caption accuracy and the FID-proxy (`report.score_strips`).
 Table 2 (reconstruction of real held-out images by DDIM inversion and null-text inversion, Eq. 15
 edits) is measured for the base, the control, the paper's form and ours at 50 steps.
 Dropped from the earlier tables (each a full run for a question these tables do not ask): LoRA rank
 4/16 (Table 4), --reg-mode fd, --reg-every 4, --reg-batch-frac 0.5.
 
-Cost of the full command from scratch (`estimate_seconds`, printed by `--plan` for the current toy.py;
+Cost of the full command from scratch (`estimate_seconds`, printed by `--plan` for the current toy world;
 300 toy steps ~60 s at 1 thread on an idle machine, a regularized step ~2x a plain one, 64 strips at 50
 DDIM steps ~1 min and at 25 steps ~0.5 min):
   * 18 distinct LoRA runs (23 in the plan, 5 of them the same runs under another name) = 15,600 toy steps,
@@ -65,19 +65,18 @@ import checkpoint
 import lora
 import metrics
 import sampler
-import toy
-import toy_metrics
+from toy import instruments, main_job, report, world
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 TRAINING_CODE = ("train.py", "regularizer.py", "lora.py", "ops.py", "unet.py")
-FORMS = {"paper": toy.PAPER_FORM, "ours": toy.OUR_FORM}
+FORMS = {"paper": main_job.PAPER_FORM, "ours": main_job.OUR_FORM}
 FORM_LABELS = {"control": "control (lambda 0)", "paper": "paper's form", "ours": "our form"}
 EDIT_SOURCE = dict(shape="circle", colour="red", background="white", size="large", cx=16.0, cy=16.0, r=9.5,
-                   colour_rgb=toy.COLOURS["red"], background_rgb=toy.COLOURS["white"])
+                   colour_rgb=world.COLOURS["red"], background_rgb=world.COLOURS["white"])
 EDIT_TARGET_COLOUR = "blue"
 DROPPED = ("LoRA rank 4 and 16 (Table 4), --reg-mode fd, --reg-every 4 and --reg-batch-frac 0.5 (issue 7's "
            "cheaper variants): each a full run for a question this table set does not ask; "
-           "`git log -- tables.py` has the code that measured them.")
+           "`git log --follow -- toy/tables.py` has the code that measured them.")
 
 
 @dataclass
@@ -96,7 +95,7 @@ class Protocol:
     our_lambda_factors: tuple = (1 / 3, 1.0, 3.0, 10.0)  # ours: these times OUR_FORM's lambda
     lengths: tuple = (300, 1000, 3000)  # fine-tune lengths (max_steps)
     seeds: tuple = (0, 1)  # training seeds of the control and both forms
-    train: dict = field(default_factory=dict)  # train.py flags on top of the common toy.TRAIN_DEFAULTS
+    train: dict = field(default_factory=dict)  # train.py flags on top of the common main_job.TRAIN_DEFAULTS
 
     @property
     def cells(self):
@@ -123,8 +122,8 @@ class Run:
 
 
 def common_flags(p):
-    """What every run shares: toy.TRAIN_DEFAULTS without OUR_FORM's flags, then the protocol's overrides."""
-    return {**{k: v for k, v in toy.TRAIN_DEFAULTS.items() if k not in toy.OUR_FORM}, **p.train}
+    """What every run shares: main_job.TRAIN_DEFAULTS without OUR_FORM's flags, then the protocol's overrides."""
+    return {**{k: v for k, v in main_job.TRAIN_DEFAULTS.items() if k not in main_job.OUR_FORM}, **p.train}
 
 
 def acts_without_regularizer(form):
@@ -134,7 +133,7 @@ def acts_without_regularizer(form):
 
 def control_name(form_name):
     """One control for both forms when they train alike at lambda 0, else one per form."""
-    shared = acts_without_regularizer(toy.PAPER_FORM) == acts_without_regularizer(toy.OUR_FORM)
+    shared = acts_without_regularizer(main_job.PAPER_FORM) == acts_without_regularizer(main_job.OUR_FORM)
     return "control" if shared else f"control_{form_name}"
 
 
@@ -173,7 +172,7 @@ def plan_runs(p):
     for seed in p.seeds:
         for form in FORMS:
             plan.update([variant(p, form, control=True, seed=seed), variant(p, form, seed=seed)])
-    our_lambda = toy.OUR_FORM["lambda_reg"]
+    our_lambda = main_job.OUR_FORM["lambda_reg"]
     plan.update(variant(p, "paper", lambda_reg=round_lambda(lam)) for lam in p.paper_lambdas)
     plan.update(variant(p, "ours", lambda_reg=round_lambda(f * our_lambda)) for f in p.our_lambda_factors)
     for steps in p.lengths:
@@ -194,7 +193,7 @@ def canonical(plan):
 def table_rows(p):
     """Table -> the plan names in its rows (before aliasing)."""
     controls = list(dict.fromkeys(control_name(f) for f in FORMS))
-    lam = toy.OUR_FORM["lambda_reg"]
+    lam = main_job.OUR_FORM["lambda_reg"]
     return {
         "table1": ["base", *controls, *FORMS],
         "lambda": [*controls, *(f"paper_lambda{round_lambda(x):g}" for x in p.paper_lambdas),
@@ -234,11 +233,11 @@ def sha256(path):
 def train_run(name, flags, model, data, cache, threads=1):
     """Train one LoRA with train.py in a subprocess, or reuse it: a run is cached when its
     smooth_lora.safetensors exists and was made by the same flags, from the same base UNet and toy images
-    (toy.DATA_RECORD), by the same training code (TRAINING_CODE).
+    (world.DATA_RECORD), by the same training code (TRAINING_CODE).
     Returns {"lora", "wall_s" (of the subprocess), "train_loop_s" (train.py's own clock), "cached"}."""
     out = Path(cache) / name
     args = ["--model", str(model), "--data", str(data), "--out", str(out), *train_flags(flags)]
-    record = Path(data) / toy.DATA_RECORD  # the fingerprint of toy images (other data: its path only)
+    record = Path(data) / world.DATA_RECORD  # the fingerprint of toy images (other data: its path only)
     key = {"args": args, "base_unet": sha256(Path(model) / "unet" / "diffusion_pytorch_model.safetensors"),
            "code": {f: sha256(ROOT / f) for f in TRAINING_CODE if (ROOT / f).is_file()},
            "data": sha256(record) if record.is_file() else None}
@@ -303,10 +302,10 @@ def sample_strips(models, prompts, p, *, seed, steps):
 def edit_target(attributes):
     """The caption of the image with its shape recoloured: the next colour that is neither the shape's
     nor the background's (so the edit is always visible)."""
-    names = list(toy.COLOURS)
+    names = list(world.COLOURS)
     i = names.index(attributes["colour"])
     colour = next(c for c in names[i + 1:] + names[:i] if c != attributes["background"])
-    return toy.caption({**attributes, "colour": colour})
+    return world.caption({**attributes, "colour": colour})
 
 
 def reconstruct(models, images01, captions, targets, p):
@@ -342,11 +341,11 @@ def image_metrics(x, y):
 def recon_inputs(p):
     """The Table 2 images: the Eq. 15 figure's red circle first, then `recon_images` real held-out images
     (only these are scored). Returns (images01, captions, edit targets)."""
-    images, attributes = toy.make_images(p.recon_images, seed=11, split="heldout")
-    images = np.concatenate([toy.draw(EDIT_SOURCE)[None], images])
-    captions = [toy.caption(EDIT_SOURCE)] + [toy.caption(a) for a in attributes]
-    targets = [toy.caption({**EDIT_SOURCE, "colour": EDIT_TARGET_COLOUR})] + [edit_target(a) for a in attributes]
-    return toy_metrics.images01(images), captions, targets
+    images, attributes = world.make_images(p.recon_images, seed=11, split="heldout")
+    images = np.concatenate([world.draw(EDIT_SOURCE)[None], images])
+    captions = [world.caption(EDIT_SOURCE)] + [world.caption(a) for a in attributes]
+    targets = [world.caption({**EDIT_SOURCE, "colour": EDIT_TARGET_COLOUR})] + [edit_target(a) for a in attributes]
+    return instruments.images01(images), captions, targets
 
 
 def cached(path, key, compute):
@@ -372,7 +371,7 @@ def cell_name(cell):
 
 def holds(diffs):
     """The rule of issue 11: +1 (or -1) when every paired difference is positive (negative) and larger
-    than 2 standard errors, else 0. `diffs`: toy_metrics.paired_difference dicts, one per cell."""
+    than 2 standard errors, else 0. `diffs`: instruments.paired_difference dicts, one per cell."""
     if not diffs:
         return 0
     signs = {int(np.sign(d["mean"])) for d in diffs}
@@ -387,7 +386,7 @@ def compare(scores, control_scores, cells):
     diffs = {}
     for cell in map(cell_name, cells):
         if cell in scores and cell in control_scores:
-            d = toy_metrics.paired_difference(scores[cell]["per_strip_istd"], control_scores[cell]["per_strip_istd"])
+            d = instruments.paired_difference(scores[cell]["per_strip_istd"], control_scores[cell]["per_strip_istd"])
             diffs[cell] = {**d, "relative_se": d["se"] / float(np.mean(control_scores[cell]["per_strip_istd"]))}
     return {"istd_vs_control": diffs, "holds": holds(list(diffs.values())) if len(diffs) == len(cells) else None}
 
@@ -563,13 +562,13 @@ def runs_table(results):
 def figures_text(results):
     prompts, figure_rows = results.get("prompts", []), results.get("figure_rows", [])
     labels = [results["rows"].get(n, {}).get("label", n) for n in figure_rows]
-    target = toy.caption({**EDIT_SOURCE, "colour": EDIT_TARGET_COLOUR})
+    target = world.caption({**EDIT_SOURCE, "colour": EDIT_TARGET_COLOUR})
     return ["### Figures", "", "![interpolation strips](interpolation.png)", "",
             f"Interpolation strips of cell {results['quality_cell']} (11 frames, slerp mix 0 to 1), the same noise "
             "pair and prompt for every model in a block; rows " + ", ".join(labels) + "; blocks 1-3 are strips 0-2: " +
             "; ".join(f'{k + 1}: "{prompts[k % len(prompts)]}"' for k in range(min(3, len(prompts)))) + ".", "",
             "![Eq. 15 edit](edit.png)", "",
-            f'Eq. 15 edit (r = {results["protocol"]["edit_r"]}): source "{toy.caption(EDIT_SOURCE)}" | its '
+            f'Eq. 15 edit (r = {results["protocol"]["edit_r"]}): source "{world.caption(EDIT_SOURCE)}" | its '
             f'null-text-inversion reconstruction | target "{target}", one row per model.', ""]
 
 
@@ -598,10 +597,10 @@ def save_figures(out, strips, edits, figure_rows, labels):
     names = [n for n in figure_rows if n in strips]
     if names:
         rows = [(f"{k + 1}: {labels[n]}", strips[n][k]) for k in range(min(3, len(strips[names[0]]))) for n in names]
-        toy.labelled_grid(rows).quantize(256).save(out / "interpolation.png")  # a palette PNG: small
+        report.labelled_grid(rows).quantize(256).save(out / "interpolation.png")  # a palette PNG: small
     if edits:
         rows = [(labels[n], torch.stack([e["source"], e["nti"], e["edit"]])) for n, e in edits.items()]
-        toy.labelled_grid(rows, scale=4).quantize(256).save(out / "edit.png")
+        report.labelled_grid(rows, scale=4).quantize(256).save(out / "edit.png")
 
 
 def save_tradeoff_plot(path, points, target=-0.40, size=(640, 440), margin=(70, 30, 30, 50)):
@@ -644,15 +643,15 @@ def save_tradeoff_plot(path, points, target=-0.40, size=(640, 440), margin=(70, 
 # ------------------------------------------------------------------------------------------- main
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="tables.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m toy tables", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny step counts: a smoke test of the pipeline")
     parser.add_argument("--plan", action="store_true", help="print the runs, their flags and the time estimate")
     parser.add_argument("--out", default=None, help="tables and figures (default: assets/tables, "
                         "or runs/tables_quick/out with --quick)")
     parser.add_argument("--cache", default=None, help="LoRA runs and scores (default: runs/tables, "
                         "or runs/tables_quick with --quick)")
-    parser.add_argument("--model", default=str(toy.MODEL_DIR), help="the base model (default: the toy SD)")
-    parser.add_argument("--data", default=str(ROOT / "data" / "toy"), help="training images (toy.prepare_data)")
+    parser.add_argument("--model", default=str(world.MODEL_DIR), help="the base model (default: the toy SD)")
+    parser.add_argument("--data", default=str(ROOT / "data" / "toy"), help="training images (world.prepare_data)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, here and in each train.py")
     parser.add_argument("--runs", nargs="+", default=None, metavar="NAME",
                         help="only these runs of --plan (and the controls they are paired with); add 'base' for "
@@ -697,19 +696,19 @@ def start(args):
     cache = Path(args.cache or ("runs/tables_quick" if args.quick else "runs/tables"))
     out = Path(args.out or (cache / "out" if args.quick else ROOT / "assets" / "tables"))
     plan = plan_runs(p)
-    prompts = toy.heldout_prompts()
+    prompts = world.heldout_prompts()
     cells = [cell_name(c) for c in p.cells]
     results = {
-        "command": "python tables.py" + (" --quick" if args.quick else ""), "cache": str(cache),
+        "command": "python -m toy tables" + (" --quick" if args.quick else ""), "cache": str(cache),
         "protocol": asdict(p), "prompts": prompts, "cells": cells, "quality_cell": cell_name(p.quality_cell),
         "common": common_flags(p), "tables": table_rows(p), "figure_rows": table_rows(p)["table1"],
         "protocol_text": f"{p.strips} interpolation strips per set of noise pairs (strip k: held-out prompt k mod "
                          f"{len(prompts)}, noise pair of seed set + k; sets {', '.join(map(str, p.sets))}), "
                          f"{p.frames} frames, DDIM {' and '.join(map(str, p.step_counts))} steps, CFG {p.guidance}; "
                          f"FID-proxy against {p.real} real held-out images, all frames; {p.recon_images} real held-out "
-                         f"images reconstructed. LoRA runs: toy.TRAIN_DEFAULTS {toy.TRAIN_DEFAULTS}"
-                         + (f" with {p.train}" if p.train else "") + f"; paper's form {toy.PAPER_FORM}, ours "
-                         f"{toy.OUR_FORM}.",
+                         f"images reconstructed. LoRA runs: main_job.TRAIN_DEFAULTS {main_job.TRAIN_DEFAULTS}"
+                         + (f" with {p.train}" if p.train else "") + f"; paper's form {main_job.PAPER_FORM}, ours "
+                         f"{main_job.OUR_FORM}.",
         "runs": {}, "scores": {}, "rows": {}, "reconstruction": {}, "total_s": 0.0, "computed": []}
     return Session(args, p, out, cache, plan, canonical(plan), results)
 
@@ -721,7 +720,7 @@ def write(s):
     for name, rec in r["reconstruction"].items():
         if name != "vae" and control is not None and rec is not control:
             for inv in ("ddim", "nti"):
-                rec[inv]["psnr_vs_control"] = toy_metrics.paired_difference(rec[inv]["per_image"]["psnr"],
+                rec[inv]["psnr_vs_control"] = instruments.paired_difference(rec[inv]["per_image"]["psnr"],
                                                                             control[inv]["per_image"]["psnr"])
     r["scoring_s"] = sum(c.get("eval_s", 0) for m in r["scores"].values() for c in m.values())
     r["reconstruction_s"] = sum(x.get("eval_s", 0) for x in r["reconstruction"].values())
@@ -757,7 +756,7 @@ def score_cells(s, name, models, key, real_features):
             t0 = time.time()
             s.results["computed"].append(f"score {name} {cell_name(cell)}")
             strips = sample_strips(models, s.results["prompts"], s.p, seed=seed, steps=steps)
-            return {**toy.score_strips(strips, s.results["prompts"], real_features),
+            return {**report.score_strips(strips, s.results["prompts"], real_features),
                     "eval_s": round(time.time() - t0, 1)}, strips[:3].clone()
 
         cell_key = {**key, "cell": [seed, steps]}
@@ -780,7 +779,7 @@ def reconstruct_model(s, name, models, key, inputs):
         result = {inv: {"per_image": image_metrics(r[inv][scored], images[scored])} for inv in ("ddim", "nti")}
         for inv in result:
             result[inv].update({k: float(np.mean(v)) for k, v in result[inv]["per_image"].items()})
-        acc = toy.caption_accuracy(r["edit"][scored], targets[scored])
+        acc = world.caption_accuracy(r["edit"][scored], targets[scored])
         result["edit"] = {"caption": acc["caption"], "colour": acc["colour"]}
         result["eval_s"] = round(time.time() - t0, 1)
         return result, {"source": images[0], "nti": r["nti"][0], "edit": r["edit"][0]}
@@ -804,8 +803,8 @@ def selected_runs(s, names):
         return set(s.names.values()) | {"base", "table2"}
     unknown = [n for n in names if n not in s.plan and n not in ("base", "table2")]
     if unknown:
-        raise SystemExit(f"tables.py: error: --runs {' '.join(unknown)}: not in the plan; "
-                         "`python tables.py --plan` lists the runs.")
+        raise SystemExit(f"python -m toy tables: error: --runs {' '.join(unknown)}: not in the plan; "
+                         "`python -m toy tables --plan` lists the runs.")
     wanted, todo = set(), list(names)
     while todo:
         name = todo.pop()
@@ -825,24 +824,24 @@ def main(argv=None):
         print_plan(p, plan_runs(p))
         return 0
     if not (Path(args.model) / "model_index.json").is_file():
-        raise SystemExit(f"tables.py: error: no model at {args.model}; build it with `python toy.py pretrain`.")
+        raise SystemExit(f"python -m toy tables: error: no model at {args.model}; build it with `python -m toy pretrain`.")
     torch.set_num_threads(args.threads)
     s = start(args)
     s.out.mkdir(parents=True, exist_ok=True)
     try:
-        toy.prepare_data(args.data)
+        world.prepare_data(args.data)
     except ValueError as e:
-        raise SystemExit(f"tables.py: error: {e}")
+        raise SystemExit(f"python -m toy tables: error: {e}")
     runs = [n for n in dict.fromkeys(s.names.values()) if s.plan[n].flags is not None]
     wanted = selected_runs(s, args.runs)
     runs = [n for n in runs if n in wanted]
     pool = ThreadPoolExecutor(max_workers=1)  # training, one run after another, beside the scoring
     s.futures = {n: pool.submit(train_run, n, s.plan[n].flags, args.model, args.data, s.cache, args.threads)
                  for n in runs}
-    real_images, _ = toy.make_images(s.p.real, seed=7, split="heldout")
-    real_features = toy_metrics.features(toy_metrics.images01(real_images), toy.load_classifier())
+    real_images, _ = world.make_images(s.p.real, seed=7, split="heldout")
+    real_features = instruments.features(instruments.images01(real_images), world.load_classifier())
     base_key = [sha256(Path(args.model) / "unet" / "diffusion_pytorch_model.safetensors"),
-                sha256(toy_metrics.CLASSIFIER_PATH)]  # the scores depend on the measuring classifier too
+                sha256(instruments.CLASSIFIER_PATH)]  # the scores depend on the measuring classifier too
     inputs = recon_inputs(s.p)
     vae_optimum(s, inputs)
     protocol = {k: v for k, v in s.results["protocol"].items() if k in ("strips", "frames", "guidance", "real")}

@@ -1,0 +1,175 @@
+"""Measuring the toy world's models: the base's own numbers (`python -m toy evaluate`) and the paired
+before/after report of train.py's main job (Sec. 4.1's ISTD on the held-out prompts, with the quality
+proxies of toy/instruments.py).
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from toy import instruments
+from toy.world import (MODEL_DIR, RESOLUTION, caption, caption_accuracy, heldout_prompts, load_classifier,
+                       make_images)
+
+
+@torch.no_grad()
+def generate(models, prompts, seed=0, steps=50, guidance=7.5, batch=48):
+    """One image per prompt, [N, 3, 32, 32] in [0, 1]; the noise of image k is the k-th draw from seed."""
+    import sampler
+
+    schedule = sampler.make_schedule(models.scheduler_config)
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(len(prompts), 4, RESOLUTION // 4, RESOLUTION // 4, generator=g)
+    uncond = models.encode_prompt([""])
+    images = []
+    for i in range(0, len(prompts), batch):
+        cond = models.encode_prompt(prompts[i:i + batch])
+        z = sampler.ddim_sample(models.unet, latents[i:i + batch], cond, uncond, steps=steps, guidance=guidance,
+                                schedule=schedule, progress=False)
+        images.append(sampler.decode_latents(models.vae, z))
+    return torch.cat(images)
+
+
+def evaluate(model=MODEL_DIR, out="runs/toy_eval", per_prompt=4, steps=50, guidance=7.5, seed=0):
+    """The base model's numbers: VAE reconstruction, classifier accuracy on real held-out images, and
+    caption accuracy / Frechet distance (the proxies of toy/instruments.py) of samples for the held-out and
+    the training prompts. Writes OUT/samples.png (one sample per held-out prompt) and OUT/eval.json."""
+    import checkpoint
+    from demos import media
+    import metrics
+    import sampler
+
+    models = checkpoint.load_models(model)
+    real, attributes = make_images(1000, seed=seed + 7, split="heldout")
+    real01 = instruments.images01(real)
+    recon = sampler.decode_latents(models.vae, sampler.encode_images(models.vae, real01))
+    results = {"vae_reconstruction_heldout": {"mse": metrics.mse(recon, real01).mean().item(),
+                                              "psnr": metrics.psnr(recon, real01).mean().item()},
+               "classifier_heldout_real": caption_accuracy(real01, [caption(a) for a in attributes]),
+               "steps": steps, "guidance": guidance}
+    train_prompts = sorted({caption(a) for a in make_images(200, seed=seed + 8)[1]})[:24]
+    for name, prompts in (("heldout_prompts", heldout_prompts()), ("train_prompts", train_prompts)):
+        prompts = [p for p in prompts for _ in range(per_prompt)]
+        images = generate(models, prompts, seed, steps, guidance)
+        results[name] = caption_accuracy(images, prompts)
+        if name == "heldout_prompts":
+            results[name]["frechet_to_real"] = instruments.frechet_distance(
+                instruments.features(images, load_classifier()), instruments.features(real01, load_classifier()))
+            Path(out).mkdir(parents=True, exist_ok=True)
+            media.save_strip(images[::per_prompt], Path(out) / "samples.png")
+    (Path(out) / "eval.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+
+def labelled_grid(rows, scale=2, label_width=150):
+    """rows: [(label, images [N, 3, H, W] in [0, 1])] -> one PIL image, a text label left of each row,
+    every frame enlarged `scale` times (nearest neighbour: the pixels stay visible)."""
+    strips = [np.concatenate(list((im.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)), axis=1)
+              for _, im in rows]
+    h, w = strips[0].shape[0] * scale, max(s.shape[1] for s in strips) * scale
+    canvas = Image.new("RGB", (label_width + w, h * len(rows)), (255, 255, 255))
+    pen = ImageDraw.Draw(canvas)
+    for i, ((label, _), strip) in enumerate(zip(rows, strips)):
+        image = Image.fromarray(strip).resize((strip.shape[1] * scale, h), Image.NEAREST)
+        canvas.paste(image, (label_width, i * h))
+        pen.text((4, i * h + h // 2 - 6), label, fill=(0, 0, 0))
+    return canvas
+
+
+@dataclass
+class ReportProtocol:
+    """What `report` measures: Sec. 4.1's ISTD protocol on the held-out prompts, paired."""
+    strips: int = 24  # strip k: held-out prompt k mod 24 and the noise pair of seed + k (>= 24: one per prompt)
+    frames: int = 11  # slerp ratios 0, 0.1, ..., 1 (paper)
+    steps: int = 50  # DDIM steps (paper)
+    guidance: float = 7.5  # CFG scale (paper)
+    seed: int = 0
+    real: int = 500  # real held-out images: the reference of the FID proxy
+    figure_strips: int = 3  # the figure shows strips 0, 1, 2: fixed in advance, not picked by looking
+
+
+def score_strips(strips, prompts, real_features):
+    """ISTD (Sec. 4.1) and the quality proxies of sampled strips [S, frames, 3, H, W] in [0, 1], strip k
+    sampled with prompts[k mod len(prompts)]: per-strip ISTD and mean adjacent distance (and their means),
+    caption accuracy and the FID-proxy (against `real_features`) over all frames."""
+    import metrics
+
+    S, F = strips.shape[:2]
+    per_strip_istd = [metrics.istd(s) for s in strips]
+    per_strip_distance = [metrics.adjacent_distances(s).mean().item() for s in strips]
+    # ISTD in units of the strip's own mean step: a model whose frames all change less (less variety along
+    # the walk) also has a lower ISTD; this ratio only falls when the steps become more even.
+    per_strip_relative = [i / d if d > 0 else 0.0 for i, d in zip(per_strip_istd, per_strip_distance)]
+    frames = strips.flatten(0, 1)
+    return {"istd": float(np.mean(per_strip_istd)), "mean_adjacent_distance": float(np.mean(per_strip_distance)),
+            "relative_istd": float(np.mean(per_strip_relative)),
+            "per_strip_istd": per_strip_istd, "per_strip_mean_adjacent_distance": per_strip_distance,
+            "per_strip_relative_istd": per_strip_relative,
+            "caption_accuracy": caption_accuracy(frames, [prompts[k % len(prompts)] for k in range(S) for _ in range(F)]),
+            "fid_proxy": instruments.frechet_distance(instruments.features(frames, load_classifier()), real_features)}
+
+
+def report(model_path, loras, out_dir, protocol=None, reference="control"):
+    """Paired before/after of LoRAs on the held-out prompts, written to OUT/report.json, one printed line,
+    and OUT/interpolation_before_after.png (each model's row for the first strips, frames enlarged 4x).
+
+    loras: {name: LoRA file, or None for the base model}. Every model samples the SAME strips (prompts and
+    noise pairs), so each is compared with `reference` by the per-strip difference of ISTD (mean and
+    standard error over strips), beside the mean adjacent distance (a low ISTD can also be uniformly
+    large jumps) and the quality proxies of toy/instruments.py (caption accuracy, FID-proxy) on all frames.
+    """
+    import checkpoint
+    import lora
+    import sampler
+
+    p, out = protocol or ReportProtocol(), Path(out_dir)
+    every = heldout_prompts()
+    prompts = [every[k % len(every)] for k in range(p.strips)]
+    real, _ = make_images(p.real, seed=p.seed + 7, split="heldout")
+    real_features = instruments.features(instruments.images01(real), load_classifier())
+    results, rows = {}, []
+    for name, lora_path in loras.items():
+        models = checkpoint.load_models(model_path)
+        if lora_path is not None:
+            lora.load_lora(models.unet, lora_path)
+        strips = sampler.interpolation_strips(
+            models.unet, models.vae, models.encode_prompt, prompts, latent_shape=(4, RESOLUTION // 4, RESOLUTION // 4),
+            frames=p.frames, steps=p.steps, guidance=p.guidance, seed=p.seed,
+            schedule=sampler.make_schedule(models.scheduler_config), progress=False)
+        results[name] = {"lora": None if lora_path is None else str(lora_path),
+                         **score_strips(strips, prompts, real_features)}
+        rows.append((name, strips[:p.figure_strips]))
+    for name in results:
+        if name != reference:
+            for key in ("istd", "relative_istd"):
+                results[name][f"{key}_vs_{reference}"] = instruments.paired_difference(
+                    results[name]["per_strip_" + key], results[reference]["per_strip_" + key])
+    out.mkdir(parents=True, exist_ok=True)
+    grid = [(f"strip {k}: {name}", strips[k]) for k in range(p.figure_strips) for name, strips in rows]
+    labelled_grid(grid, scale=4).save(out / "interpolation_before_after.png")
+    summary = {"protocol": vars(p), "prompts": prompts, "reference": reference, "models": results}
+    (out / "report.json").write_text(json.dumps(summary, indent=1))
+    print(report_line(summary, out))
+    return summary
+
+
+def report_line(summary, out):
+    """The one line `python train.py` prints about its paired report."""
+    p, ref, models = summary["protocol"], summary["reference"], summary["models"]
+    parts = []
+    for name, r in models.items():
+        if name == ref:
+            continue
+        d, c = r["istd_vs_" + ref], r["relative_istd_vs_" + ref]
+        parts.append(f"{name} {r['istd']:.3f} vs {ref} {models[ref]['istd']:.3f}: {d['mean']:+.3f} +- {d['se']:.3f} "
+                     f"({100 * d['relative']:+.0f}%, paired, {d['n']} strips); mean step {r['mean_adjacent_distance']:.3f}"
+                     f" vs {models[ref]['mean_adjacent_distance']:.3f}; ISTD / mean step {100 * c['relative']:+.0f}% "
+                     f"+- {100 * c['se'] / models[ref]['relative_istd']:.0f}%; FID-proxy {r['fid_proxy']:.2f} vs "
+                     f"{models[ref]['fid_proxy']:.2f}; caption accuracy {r['caption_accuracy']['caption']:.2f} vs "
+                     f"{models[ref]['caption_accuracy']['caption']:.2f}")
+    return (f"ISTD on held-out prompts ({p['steps']} DDIM steps, CFG {p['guidance']}): " + "; ".join(parts) +
+            f". Figure {out / 'interpolation_before_after.png'}, numbers {out / 'report.json'}")
