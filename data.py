@@ -184,3 +184,19 @@ def stream_keys(num_items, seed, start, rank, world_size, batch_size):
                 perm = torch.randperm(num_items, generator=g)
             yield int(perm[key % num_items]), key
         position += world_size * batch_size
+
+
+def per_sample_randomness(seed, keys, shape, num_train_timesteps):
+    """Timestep, noise, regularizer direction and VAE posterior noise for each sample.
+
+    Drawn from a generator seeded by (seed, key), with key = the sample's position in the global data
+    stream, so they do not depend on the rank, the world size or the micro-batch split.
+    """
+    t, noise, direction, posterior = [], [], [], []
+    for key in keys.tolist():
+        g = torch.Generator().manual_seed(derive_seed(seed, SAMPLE_STREAM, key))
+        t.append(torch.randint(0, num_train_timesteps, (), generator=g))  # t ~ U{0..T-1}, as the official code
+        noise.append(torch.randn(shape, generator=g))
+        direction.append(torch.randn(shape, generator=g))
+        posterior.append(torch.randn(shape, generator=g))
+    return torch.stack(t), torch.stack(noise), torch.stack(direction), torch.stack(posterior)

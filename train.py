@@ -24,47 +24,29 @@ run exactly; it refuses other optimization settings (lr, lambda, batch, seed, ..
 `--resume-override` names them, and then the optimizer uses the new values. SIGTERM / Ctrl-C save a
 checkpoint and exit 143 / 130.
 
-Watching a long run: `--validate-every N --validation-prompts FILE` writes an interpolation strip per
-prompt (fixed noise pairs, `--validation-steps` DDIM steps) to OUT/validation/step-N.png, their ISTD
-and mean adjacent distance to log.jsonl, and all steps stacked to OUT/validation/progress.png (rank 0;
-the training RNG is untouched, so a resume stays exact). `--snapshot-every N` keeps
-OUT/smooth_lora-stepN.safetensors (the newest `--keep-snapshots K`). `--mixed-precision bf16` runs on
-CPU and GPU (frozen weights bf16; LoRA, AdamW state and a stay fp32); fp16 needs CUDA.
-
-Cheaper regularizer variants (not in the paper): `--reg-every k` regularizes every k-th step with the
-loss scaled by k (StyleGAN2's lazy regularization); `--reg-batch-frac f` regularizes only the first
-ceil(f * B) samples of each micro-batch; `--reg-mode fd` replaces the vector-Jacobian product of
-Eq. 10 by a finite difference (a second forward pass at eps + h v, no double backward).
-`--reg-timestep-buckets N` (not in the paper) keeps a running mean a per range of timesteps: the
-norm's scale grows by orders of magnitude with t, which a single a cannot follow.
+Watching a long run (validation strips, snapshots, mixed precision) and the regularizer's cheaper
+variants (not in the paper): docs/training.md; every flag: `python train.py --help`.
 """
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
-import os
-import pickle
-import resource
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from PIL import Image
 from tqdm import tqdm
 
 import checkpoint
 import data
 import lora
-import metrics
 import ops
 import regularizer
+import runstate
 import sampler
 
 ROOT = Path(__file__).resolve().parent
@@ -143,38 +125,17 @@ class TrainConfig:
                                  "busy process)")
 
 
-# Settings that change what a run optimizes: a --resume with other values is refused unless overridden.
-OPTIMIZATION_SETTINGS = ("model", "data", "data_root", "resolution", "batch_size", "grad_accum", "lr",
-                         "weight_decay", "rank", "lora_targets", "lambda_reg", "reg_every", "reg_decay",
-                         "reg_timestep_buckets", "reg_normalize", "reg_mode", "reg_batch_frac", "fd_h", "seed",
-                         "mixed_precision")
-SHAPE_SETTINGS = ("rank", "lora_targets", "reg_timestep_buckets")  # never changed by --resume-override
-NEWER_SETTINGS = dict(reg_normalize="none", lora_targets="attention")  # older checkpoints trained like this
 # --lora-targets -> (inject_lora's targets, save_lora's layout): the official layout names attention only.
 LORA_TARGETS = {"attention": (lora.ATTENTION_TARGETS, "official"), "all-linear": (None, "peft")}
 
 
-def saved_settings(config):
-    """A checkpoint's config, with the settings added after it was written at the values it trained with."""
-    return {**NEWER_SETTINGS, **config}
-
-
-# The toy world's validation defaults, unless main_job.TRAIN_DEFAULTS sets them.
-TOY_VALIDATION = dict(validate_every=50)
-
-
-def toy_defaults():
-    """The values a run without --model uses where no flag is given (main_job.TRAIN_DEFAULTS)."""
-    from toy import main_job
-
-    return {**TOY_VALIDATION, **main_job.TRAIN_DEFAULTS}
-
-
 def build_parser(defaults=None):
     """One flag per TrainConfig field; `defaults` (name -> value) replaces the dataclass defaults."""
+    from toy import main_job  # the toy world's defaults, shown in --help
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    toy = toy_defaults()
+    toy = main_job.toy_defaults()
     for f in dataclasses.fields(TrainConfig):
         flag, extra = "--" + f.name.replace("_", "-"), dict(f.metadata)
         if f.name in toy:
@@ -220,10 +181,10 @@ def check_config(cfg, device):
         raise ValueError("--validate-every needs --validation-prompts FILE (one prompt per line).")
     if cfg.validation_prompts is not None and not Path(cfg.validation_prompts).is_file():
         raise ValueError(f"--validation-prompts {cfg.validation_prompts} is not a file.")
-    unknown = set(overridden(cfg)) - set(OPTIMIZATION_SETTINGS)
+    unknown = set(runstate.overridden(cfg)) - set(runstate.OPTIMIZATION_SETTINGS)
     if unknown:
         raise ValueError(f"--resume-override {cfg.resume_override}: {', '.join(sorted(unknown))} is not a "
-                         f"setting a resume checks; those are {', '.join(OPTIMIZATION_SETTINGS)}.")
+                         f"setting a resume checks; those are {', '.join(runstate.OPTIMIZATION_SETTINGS)}.")
     if cfg.mixed_precision == "fp16" and device.type != "cuda":
         raise ValueError("--mixed-precision fp16 needs a CUDA GPU (CPU autocast has no fp16); use "
                          "--mixed-precision bf16 or no.")
@@ -241,104 +202,74 @@ def check_resolution(cfg, sd):
     return (sd.unet.config.in_channels, cfg.resolution // vae_factor, cfg.resolution // vae_factor)
 
 
-def resolve_device(cfg, local_rank):
-    """--device, default cuda when available; cuda means cuda:LOCAL_RANK under torchrun."""
-    name = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+# ---------------------------------------------------------- data, model and LoRA
+
+def load_inputs(cfg, world, out):
+    """Everything that can be wrong with the input fails here, before anything is written ->
+    (dataset, sd, the state to resume from or None, latent shape)."""
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name} is not a device: use cpu or cuda.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}, but this machine has no usable CUDA GPU "
-                         "(torch.cuda.is_available() is False): use --device cpu, or leave --device out.")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: train.py runs on cpu or cuda.")
-    return torch.device("cuda", local_rank if device.index is None else device.index) \
-        if device.type == "cuda" else device
+        check_config(cfg, world.device)
+        resume = out / "state.pt" if cfg.resume == "auto" else cfg.resume and Path(cfg.resume)
+        if resume is not None and not resume.exists():
+            if cfg.resume != "auto":
+                raise ValueError(f"--resume {resume} does not exist.")
+            resume = None  # auto: nothing to continue, start afresh
+        state = None if resume is None else runstate.read_state(resume)
+        changes = {} if state is None else runstate.resume_changes(cfg, state["config"])
+        dataset = data.CaptionDataset(cfg.data, cfg.resolution, root=cfg.data_root)
+        sd = checkpoint.load_models(cfg.model, tokenizer=cfg.tokenizer, device=world.device,
+                                    dtype=frozen_dtype(cfg))
+        latent_shape = check_resolution(cfg, sd)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"train.py: error: {e}")
+    if state is not None and world.master:
+        print(f"resumed from {resume} at step {state['step']}" + "".join(
+            f"; {k} {old} -> {new} (--resume-override)" for k, (old, new) in changes.items()))
+    return dataset, sd, state and dict(state, changes=changes), latent_shape
 
 
-def overridden(cfg):
-    return [name for name in (cfg.resume_override or "").split(",") if name]
+def frozen_dtype(cfg):
+    return dict(no=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)[cfg.mixed_precision]
 
 
-# ------------------------------------------------------------------------------ the toy world (toy.py)
-
-def use_toy_world(cfg, explicit, master):
-    """No --model: train on the toy world (toy.py), with its smaller defaults unless a flag was given,
-    and validation strips on 4 of its held-out prompts."""
-    from toy import world
-
-    cfg.model = str(ROOT / "assets" / "toy-sd")
-    for name, value in toy_defaults().items():
-        if name not in explicit:
-            setattr(cfg, name, value)
-    if cfg.data is None:
-        cfg.data = str(ROOT / "data" / "toy")
-        if master:
-            try:
-                world.prepare_data(cfg.data)  # writes the images once; then checks they are this toy.py's
-            except ValueError as e:
-                raise SystemExit(f"train.py: error: {e}")
-    if cfg.out is None:
-        cfg.out = str(ROOT / "runs" / "toy")
-    if cfg.validate_every and cfg.validation_prompts is None:
-        cfg.validation_prompts = str(Path(cfg.out) / "validation" / "prompts.txt")
-        if master:
-            every = world.heldout_prompts()  # spread over the held-out triples, alternating sizes
-            Path(cfg.validation_prompts).parent.mkdir(parents=True, exist_ok=True)
-            Path(cfg.validation_prompts).write_text("".join(every[k * len(every) // 4 + k % 2] + "\n"
-                                                            for k in range(4)))
+def add_lora(cfg, sd, world, num_train_timesteps):
+    """Frozen SD-1.5 + a trainable fp32 LoRA on the UNet's attention projections -> (params, reg, optimizer,
+    scaler)."""
+    torch.manual_seed(cfg.seed)  # the LoRA init; identical on every rank
+    for part in (sd.unet, sd.vae, sd.text_encoder):
+        part.requires_grad_(False).eval()
+    lora.inject_lora(sd.unet, rank=cfg.rank, targets=LORA_TARGETS[cfg.lora_targets][0])
+    lora_params = lora.freeze_all_but_lora(sd.unet)  # fp32, whatever the frozen weights' dtype
+    if cfg.gradient_checkpointing:
+        sd.unet.enable_gradient_checkpointing()
+    sd.unet.train()
+    # Lazy regularization updates a only every k-th step: compound the decay so that a keeps pace.
+    reg = regularizer.StepwiseVariationRegularizer(
+        decay=1 - (1 - cfg.reg_decay) ** cfg.reg_every, timestep_buckets=cfg.reg_timestep_buckets,
+        num_train_timesteps=num_train_timesteps, relative=cfg.reg_normalize == "relative").to(world.device).train()
+    optimizer = torch.optim.AdamW(lora_params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(world.device.type, enabled=cfg.mixed_precision == "fp16")
+    return lora_params, reg, optimizer, scaler
 
 
-def control_config(cfg):
-    """The lambda-0 control of a toy-world run: the same flags, data, seed and steps, without the
-    regularizer, in OUT/control. Fine-tuning alone moves ISTD, so the Smooth-LoRA is judged against it."""
-    return dataclasses.replace(cfg, lambda_reg=0.0, out=str(Path(cfg.out) / "control"), resume=None,
-                               validate_every=0)  # the Smooth-LoRA's run shows the validation strips
+def make_loader(cfg, dataset, samples_seen, world):
+    """Batches from the global seeded stream at `samples_seen`, this rank's slice of each global batch."""
+    return iter(torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, collate_fn=data.collate, num_workers=cfg.num_workers,
+        worker_init_fn=data.ignore_stop_signals,
+        sampler=data.stream_keys(len(dataset), cfg.seed, samples_seen, world.rank, world.size, cfg.batch_size),
+        pin_memory=world.device.type == "cuda"))
 
 
-def finished_run(cfg):
-    """True when cfg.out already holds a finished run of exactly this config (reused, not retrained)."""
-    state_path = Path(cfg.out) / "state.pt"
-    if not state_path.is_file():
-        return False
-    try:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-    except Exception:  # unreadable: train it again
-        return False
-    same = {k: v for k, v in saved_settings(state.get("config", {})).items() if k != "resume"} == \
-        {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}
-    return same and state.get("step") == cfg.max_steps
+def make_autocast(cfg, device):
+    """A function returning the autocast context of --mixed-precision (a no-op for "no")."""
+    if cfg.mixed_precision == "no":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=frozen_dtype(cfg))
 
 
-def report_toy_world(cfg, control_out, result):
-    """After a finished toy-world run: toy.py's paired report, Smooth-LoRA against the lambda-0 control."""
-    from toy import report
-
-    loras = {"control": str(Path(control_out) / "smooth_lora.safetensors") if control_out else None,
-             "smooth": str(result.lora_path)}
-    if control_out is None:  # the run itself has lambda 0: compare it with the base model instead
-        loras = {"base": None, "lora (lambda 0)": str(result.lora_path)}
-    report.report(cfg.model, loras, cfg.out, reference=next(iter(loras)))
-
-
-# ------------------------------------------------------------------------------ one micro-step
-
-def per_sample_randomness(seed, keys, shape, num_train_timesteps):
-    """Timestep, noise, regularizer direction and VAE posterior noise for each sample.
-
-    Drawn from a generator seeded by (seed, key), with key = the sample's position in the global data
-    stream, so they do not depend on the rank, the world size or the micro-batch split.
-    """
-    t, noise, direction, posterior = [], [], [], []
-    for key in keys.tolist():
-        g = torch.Generator().manual_seed(data.derive_seed(seed, data.SAMPLE_STREAM, key))
-        t.append(torch.randint(0, num_train_timesteps, (), generator=g))  # t ~ U{0..T-1}, as the official code
-        noise.append(torch.randn(shape, generator=g))
-        direction.append(torch.randn(shape, generator=g))
-        posterior.append(torch.randn(shape, generator=g))
-    return torch.stack(t), torch.stack(noise), torch.stack(direction), torch.stack(posterior)
-
+# ------------------------------------------- the loss: Eq. 14 on one micro-batch
 
 def smooth_diffusion_loss(unet, latents, noise, timesteps, text, direction, alphas_cumprod, *, reg=None,
                           reg_mode="vjp", reg_batch_frac=1.0, lambda_reg=1.0, lazy_scale=1, fd_h=1e-2,
@@ -405,8 +336,8 @@ def micro_step(cfg, ddp_unet, sd, reg, batch, schedule, regularize, device, auto
         pixels = batch["pixels"].to(device, next(sd.vae.parameters()).dtype)
         mean, logvar = sd.vae.encode(pixels)
         text = sd.encode_prompt(batch["captions"])
-    t, noise, direction, posterior = per_sample_randomness(cfg.seed, batch["keys"], mean.shape[1:],
-                                                           schedule.num_train_timesteps)
+    t, noise, direction, posterior = data.per_sample_randomness(cfg.seed, batch["keys"], mean.shape[1:],
+                                                                schedule.num_train_timesteps)
     t, noise, direction, posterior = (x.to(device) for x in (t, noise, direction, posterior))
     # The VAE posterior sample, as the official code (.sample()), seeded per sample like the noise.
     latents = (mean.float() + (0.5 * logvar.float()).exp() * posterior) * sd.vae.scaling_factor
@@ -417,286 +348,7 @@ def micro_step(cfg, ddp_unet, sd, reg, batch, schedule, regularize, device, auto
         autocast=autocast)
 
 
-# ------------------------------------------------------------------------------ checkpoints
-
-STATE_KEYS = {"lora", "optimizer", "scaler", "regularizer", "step", "samples_seen", "rng", "config", "skipped"}
-
-
-def atomic_save(path, write):
-    """write(tmp) then rename: a kill at any moment leaves either the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_checkpoint(out, unet, optimizer, scaler, reg, step, samples_seen, cfg, skipped):
-    layout = LORA_TARGETS[cfg.lora_targets][1]
-    atomic_save(out / "smooth_lora.safetensors", lambda p: lora.save_lora(unet, p, layout=layout))
-    state = {
-        "lora": {k: v.detach().cpu() for k, v in unet.named_parameters() if v.requires_grad},
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "regularizer": reg.state_dict(),  # the running mean a (the official script loses it)
-        "step": step,
-        "samples_seen": samples_seen,  # data position: the next global stream position
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        "config": dataclasses.asdict(cfg),
-        "skipped": sorted(skipped),
-    }
-    atomic_save(out / "state.pt", lambda p: torch.save(state, p))
-
-
-def save_snapshot(out, unet, step, keep, layout):
-    """OUT/smooth_lora-step{N}.safetensors, then the oldest removed beyond the newest `keep` (0: keep all)."""
-    atomic_save(out / f"smooth_lora-step{step}.safetensors", lambda p: lora.save_lora(unet, p, layout=layout))
-    snapshots = sorted(out.glob("smooth_lora-step*.safetensors"), key=lambda p: int(p.stem.split("-step")[1]))
-    for old in snapshots[:-keep] if keep else []:
-        old.unlink()
-
-
-def read_state(path):
-    """state.pt -> dict; ValueError (the file untouched) if it is not a whole train.py checkpoint."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, random bytes, a hostile pickle: torch raises many types
-        # Not torch's advice to retry with weights_only=False: that would run whatever code a pickle holds.
-        reason = ("the safe loader refused it: not tensors only" if isinstance(e, pickle.UnpicklingError)
-                  else str(e).strip().split(". ")[0][:160])
-        raise ValueError(f"cannot resume from {path}: it is not a readable train.py checkpoint "
-                         f"({type(e).__name__}: {reason}). Truncated or overwritten? Point --resume at "
-                         "another state.pt, or start afresh in a new --out (the file is left as it is).") from None
-    missing = STATE_KEYS - set(state) if isinstance(state, dict) else STATE_KEYS
-    if missing:
-        raise ValueError(f"cannot resume from {path}: it lacks {', '.join(sorted(missing))}; it is not a "
-                         "state.pt written by train.py.")
-    return state
-
-
-def _same_setting(name, saved, now):
-    if name in ("model", "data", "data_root") and saved is not None and now is not None:
-        return Path(saved).resolve() == Path(now).resolve()
-    return saved == now
-
-
-def resume_changes(cfg, saved_config):
-    """{setting: (saved, now)} for the optimization settings that differ; ValueError for those not named
-    by --resume-override (a resume does not silently train something else)."""
-    saved_config = saved_settings(saved_config)
-    changes = {name: (saved_config.get(name), getattr(cfg, name)) for name in OPTIMIZATION_SETTINGS
-               if not _same_setting(name, saved_config.get(name), getattr(cfg, name))}
-    refused = {k: v for k, v in changes.items() if k not in overridden(cfg) or k in SHAPE_SETTINGS}
-    if refused:
-        listed = "; ".join(f"--{k.replace('_', '-')}: saved {old}, now {new}" for k, (old, new) in refused.items())
-        raise ValueError(f"--resume: the checkpoint was trained with other settings ({listed}). Resume with "
-                         "the saved values, or name the settings to change with --resume-override "
-                         f"{','.join(refused)} ({', '.join(SHAPE_SETTINGS)} cannot change: they "
-                         "fix the shapes of the LoRA and of a).")
-    return changes
-
-
-def restore(state, cfg, unet, optimizer, scaler, reg):
-    """Load the LoRA, optimizer, scaler, running mean a and RNG of `state`; the optimizer then uses the
-    current lr and weight decay (equal to the saved ones unless overridden)."""
-    params = {k: v for k, v in unet.named_parameters() if v.requires_grad}
-    shapes = {k: tuple(v.shape) for k, v in params.items()}
-    if shapes != {k: tuple(v.shape) for k, v in state["lora"].items()}:
-        raise ValueError("the checkpoint holds a LoRA of other names or shapes (another --rank or model?).")
-    with torch.no_grad():
-        for k, v in state["lora"].items():
-            params[k].copy_(v)
-    optimizer.load_state_dict(state["optimizer"])
-    for group in optimizer.param_groups:
-        group.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler.load_state_dict(state["scaler"])
-    reg.load_state_dict(state["regularizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["step"], state["samples_seen"], set(state["skipped"])
-
-
-# ------------------------------------------------------------------------------ validation strips
-
-@torch.no_grad()
-def validate(cfg, sd, schedule, latent_shape, step, out, world, autocast):
-    """Rank 0: one interpolation strip per validation prompt with the current LoRA (the same noise pairs
-    every time) -> {istd, mean_adjacent_distance} (means over prompts); OUT/validation/step-N.png and
-    progress.png. The training RNG is left as it was, so a resumed run stays bit-exact."""
-    prompts = [line.strip() for line in Path(cfg.validation_prompts).read_text().splitlines() if line.strip()]
-    with torch.random.fork_rng(devices=[world.device] if world.device.type == "cuda" else []), autocast():
-        strips = sampler.interpolation_strips(sd.unet, sd.vae, sd.encode_prompt, prompts,
-                                              latent_shape=latent_shape, steps=cfg.validation_steps,
-                                              schedule=schedule, progress=False).float().cpu()
-    folder = out / "validation"
-    folder.mkdir(parents=True, exist_ok=True)
-    _grid(strips).save(folder / f"step-{step}.png")  # a row per prompt, a column per frame
-    stages = sorted((int(p.stem.split("-")[1]), p) for p in folder.glob("step-*.png"))
-    stages = [Image.open(p).convert("RGB") for n, p in stages if n <= step]  # a resume rewrites later ones
-    progress = Image.new("RGB", (max(im.width for im in stages), sum(im.height + 2 for im in stages)), "white")
-    for k, im in enumerate(stages):
-        progress.paste(im, (0, sum(s.height + 2 for s in stages[:k])))
-    progress.save(folder / "progress.png")
-    return {"istd": sum(metrics.istd(s) for s in strips) / len(strips),
-            "mean_adjacent_distance": sum(metrics.adjacent_distances(s).mean().item() for s in strips) / len(strips)}
-
-
-def _grid(strips):
-    """[P, F, 3, H, W] in [0, 1] -> one PIL image, P rows of F frames."""
-    p, f, c, h, w = strips.shape
-    grid = strips.permute(0, 3, 1, 4, 2).reshape(p * h, f * w, c)  # [P*H, F*W, 3]
-    return Image.fromarray((grid.clamp(0, 1) * 255).round().to(torch.uint8).numpy())
-
-
-# ------------------------------------------------------------------------------ processes and logs
-
-@dataclass
-class World:
-    """This process's place among the torchrun processes (a world of one without torchrun)."""
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    distributed: bool = False
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-
-def process_group_backend(device):
-    """NCCL between GPUs, gloo between CPU processes."""
-    return "nccl" if device.type == "cuda" else "gloo"
-
-
-def setup_distributed(cfg):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python train.py` is a world of one."""
-    env = os.environ
-    local_rank = int(env.get("LOCAL_RANK", 0))
-    try:
-        device = resolve_device(cfg, local_rank)
-    except ValueError as e:
-        raise SystemExit(f"train.py: error: {e}")
-    world = World(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), local_rank, device, "RANK" in env)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world.distributed:
-        dist.init_process_group(process_group_backend(device))
-    return world
-
-
-def teardown_distributed(world):
-    if world.distributed:
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def all_gather_union(items, world):
-    if world.size == 1:
-        return set(items)
-    gathered = [None] * world.size
-    dist.all_gather_object(gathered, sorted(items))
-    return set().union(*gathered)
-
-
-def open_log(out, resumed_at):
-    """OUT/log.jsonl, one JSON record per step; a resume drops the lines of steps after its checkpoint."""
-    log_path = out / "log.jsonl"
-    if resumed_at is not None and log_path.exists():
-        lines = log_path.read_text().splitlines()
-        log_path.write_text("".join(l + "\n" for l in lines if json.loads(l).get("step", 0) <= resumed_at))
-    elif resumed_at is None:
-        log_path.write_text("")
-    return log_path
-
-
-def append_log(log_path, record):
-    with open(log_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def peak_memory(device):
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB CUDA max allocated"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB peak RSS"
-
-
-def catch_stop_signals():
-    """SIGTERM / Ctrl-C: finish the step, save, exit 128 + signal. Returns where the signal is recorded."""
-    stop = {"signal": 0}
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, lambda signum, frame: stop.update(signal=signum))
-    return stop
-
-
-# ------------------------------------------------------------------------------ the training run
-
-def load_inputs(cfg, world, out):
-    """Everything that can be wrong with the input fails here, before anything is written ->
-    (dataset, sd, the state to resume from or None, latent shape)."""
-    try:
-        check_config(cfg, world.device)
-        resume = out / "state.pt" if cfg.resume == "auto" else cfg.resume and Path(cfg.resume)
-        if resume is not None and not resume.exists():
-            if cfg.resume != "auto":
-                raise ValueError(f"--resume {resume} does not exist.")
-            resume = None  # auto: nothing to continue, start afresh
-        state = None if resume is None else read_state(resume)
-        changes = {} if state is None else resume_changes(cfg, state["config"])
-        dataset = data.CaptionDataset(cfg.data, cfg.resolution, root=cfg.data_root)
-        sd = checkpoint.load_models(cfg.model, tokenizer=cfg.tokenizer, device=world.device,
-                                    dtype=frozen_dtype(cfg))
-        latent_shape = check_resolution(cfg, sd)
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"train.py: error: {e}")
-    if state is not None and world.master:
-        print(f"resumed from {resume} at step {state['step']}" + "".join(
-            f"; {k} {old} -> {new} (--resume-override)" for k, (old, new) in changes.items()))
-    return dataset, sd, state and dict(state, changes=changes), latent_shape
-
-
-def frozen_dtype(cfg):
-    return dict(no=torch.float32, fp16=torch.float16, bf16=torch.bfloat16)[cfg.mixed_precision]
-
-
-def add_lora(cfg, sd, world, num_train_timesteps):
-    """Frozen SD-1.5 + a trainable fp32 LoRA on the UNet's attention projections -> (params, reg, optimizer,
-    scaler)."""
-    torch.manual_seed(cfg.seed)  # the LoRA init; identical on every rank
-    for part in (sd.unet, sd.vae, sd.text_encoder):
-        part.requires_grad_(False).eval()
-    lora.inject_lora(sd.unet, rank=cfg.rank, targets=LORA_TARGETS[cfg.lora_targets][0])
-    lora_params = lora.freeze_all_but_lora(sd.unet)  # fp32, whatever the frozen weights' dtype
-    if cfg.gradient_checkpointing:
-        sd.unet.enable_gradient_checkpointing()
-    sd.unet.train()
-    # Lazy regularization updates a only every k-th step: compound the decay so that a keeps pace.
-    reg = regularizer.StepwiseVariationRegularizer(
-        decay=1 - (1 - cfg.reg_decay) ** cfg.reg_every, timestep_buckets=cfg.reg_timestep_buckets,
-        num_train_timesteps=num_train_timesteps, relative=cfg.reg_normalize == "relative").to(world.device).train()
-    optimizer = torch.optim.AdamW(lora_params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler(world.device.type, enabled=cfg.mixed_precision == "fp16")
-    return lora_params, reg, optimizer, scaler
-
-
-def make_loader(cfg, dataset, samples_seen, world):
-    """Batches from the global seeded stream at `samples_seen`, this rank's slice of each global batch."""
-    return iter(torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size, collate_fn=data.collate, num_workers=cfg.num_workers,
-        worker_init_fn=data.ignore_stop_signals,
-        sampler=data.stream_keys(len(dataset), cfg.seed, samples_seen, world.rank, world.size, cfg.batch_size),
-        pin_memory=world.device.type == "cuda"))
-
-
-def make_autocast(cfg, device):
-    """A function returning the autocast context of --mixed-precision (a no-op for "no")."""
-    if cfg.mixed_precision == "no":
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=frozen_dtype(cfg))
-
+# ------------------------------------------------------------- the training loop
 
 def accumulate_gradients(cfg, ddp_unet, sd, reg, batches, schedule, regularize, world, autocast, scaler,
                          skipped):
@@ -718,16 +370,6 @@ def accumulate_gradients(cfg, ddp_unet, sd, reg, batches, schedule, regularize, 
     return stats
 
 
-def reduce_over_ranks(stats, stop, world):
-    """Mean of the step's stats over ranks, and one shared decision to stop: the signal any rank got."""
-    signum = torch.tensor([stop["signal"]], device=world.device)
-    if world.distributed:
-        dist.all_reduce(stats)
-        stats /= world.size
-        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
-    return stats.tolist(), int(signum.item())
-
-
 def optimizer_step(optimizer, scaler, params, loss):
     """Clip to norm 1 and step -> the gradient norm, or None (no step) if the loss or gradient is not finite.
     (With fp16 the scaler skips steps with inf gradients by itself; a non-finite loss still stops.)"""
@@ -741,38 +383,25 @@ def optimizer_step(optimizer, scaler, params, loss):
     return grad_norm
 
 
-@dataclass
-class TrainResult:
-    exit_code: int  # 0: finished; 1: a non-finite loss stopped it; 128 + signal: stopped by SIGTERM/SIGINT
-    step: int  # the last optimizer step done
-    out: Path
-
-    @property
-    def lora_path(self):
-        return self.out / "smooth_lora.safetensors"
-
-
-def due(step, every, last):
-    return every > 0 and (step % every == 0 or step == last)
-
-
 def train(cfg, world):
     """One whole training run of `cfg` (a Smooth-LoRA, or with lambda_reg 0 its plain-LoRA control)."""
     out = Path(cfg.out or "out")
     dataset, sd, state, latent_shape = load_inputs(cfg, world, out)
     schedule = sampler.make_schedule(sd.scheduler_config)
     lora_params, reg, optimizer, scaler = add_lora(cfg, sd, world, schedule.num_train_timesteps)
-    step, samples_seen, skipped = (0, 0, set()) if state is None else restore(state, cfg, sd.unet, optimizer,
-                                                                              scaler, reg)
+    step, samples_seen, skipped = (0, 0, set()) if state is None else runstate.restore(
+        state, cfg, sd.unet, optimizer, scaler, reg)
     ddp_unet = DDP(sd.unet, device_ids=[world.local_rank] if world.device.type == "cuda" else None,
                    find_unused_parameters=False) if world.distributed else sd.unet
     autocast = make_autocast(cfg, world.device)
+    layout = LORA_TARGETS[cfg.lora_targets][1]  # of the saved LoRA files
     batches = make_loader(cfg, dataset, samples_seen, world)
-    stop = catch_stop_signals()
+    stop = runstate.catch_stop_signals()
     if world.master:
-        log_path = start_log(cfg, out, state, world, len(dataset), lora_params)
+        log_path = runstate.start_log(cfg, out, state, world, len(dataset), lora_params)
         if state is None and cfg.validate_every:  # the base model's strips: where smoothing starts from
-            append_log(log_path, dict(step=0, **validate(cfg, sd, schedule, latent_shape, 0, out, world, autocast)))
+            strips = runstate.validate(cfg, sd, schedule, latent_shape, 0, out, world, autocast)
+            runstate.append_log(log_path, dict(step=0, **strips))
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not world.master, dynamic_ncols=True)
     start_step, t0, exit_code = step, time.time(), 0
     while step < cfg.max_steps:
@@ -780,7 +409,7 @@ def train(cfg, world):
         stats = accumulate_gradients(cfg, ddp_unet, sd, reg, batches, schedule, regularize, world, autocast,
                                      scaler, skipped)
         samples_seen += cfg.grad_accum * world.size * cfg.batch_size
-        (loss, loss_base, loss_reg, norm), stop_signal = reduce_over_ranks(stats, stop, world)
+        (loss, loss_base, loss_reg, norm), stop_signal = runstate.reduce_over_ranks(stats, stop, world)
         grad_norm = optimizer_step(optimizer, scaler, lora_params, loss)
         if grad_norm is None:
             if world.master:
@@ -799,15 +428,16 @@ def train(cfg, world):
                           samples_seen=samples_seen, time=round(time.time() - t0, 3))
             if reg.a.ndim:
                 record["a_per_bucket"] = [round(x, 6) for x in reg.a.tolist()]
-            if due(step, cfg.validate_every, cfg.max_steps):
-                record.update(validate(cfg, sd, schedule, latent_shape, step, out, world, autocast))
-            append_log(log_path, record)
-            if due(step, cfg.snapshot_every, 0):
-                save_snapshot(out, sd.unet, step, cfg.keep_snapshots, LORA_TARGETS[cfg.lora_targets][1])
+            if runstate.due(step, cfg.validate_every, cfg.max_steps):
+                record.update(runstate.validate(cfg, sd, schedule, latent_shape, step, out, world, autocast))
+            runstate.append_log(log_path, record)
+            if runstate.due(step, cfg.snapshot_every, 0):
+                runstate.save_snapshot(out, sd.unet, step, cfg.keep_snapshots, layout)
         if step % cfg.save_every == 0 or step == cfg.max_steps or stop_signal:
-            skipped = all_gather_union(skipped, world)
+            skipped = runstate.all_gather_union(skipped, world)
             if world.master:
-                save_checkpoint(out, sd.unet, optimizer, scaler, reg, step, samples_seen, cfg, skipped)
+                runstate.save_checkpoint(out, sd.unet, optimizer, scaler, reg, step, samples_seen, cfg, skipped,
+                                         layout)
         if stop_signal:
             if world.master:
                 tqdm.write(f"stopped by signal {stop_signal} at step {step}; checkpoint saved in {out} "
@@ -815,60 +445,24 @@ def train(cfg, world):
             exit_code = 128 + stop_signal  # 143 for SIGTERM, 130 for Ctrl-C: a scheduler sees "not finished"
             break
     bar.close()
-    skipped = all_gather_union(skipped, world)
+    skipped = runstate.all_gather_union(skipped, world)
     if world.master:
-        print_summary(cfg, step - start_step, step, time.time() - t0, skipped, world, out)
+        runstate.print_summary(cfg, step - start_step, step, time.time() - t0, skipped, world, out)
     del ddp_unet  # DDP's reducer must go before its process group (else gloo may abort at exit)
-    return TrainResult(exit_code, step, out)
-
-
-def start_log(cfg, out, state, world, num_images, lora_params):
-    """Rank 0: create OUT and its log.jsonl (trimmed to the checkpoint on a resume, with a record of the
-    overridden settings), and print what is trained."""
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = open_log(out, None if state is None else state["step"])
-    if state is not None and state["changes"]:
-        append_log(log_path, dict(step=state["step"], resume_override={k: list(v) for k, v in state["changes"].items()}))
-    print(f"training {sum(p.numel() for p in lora_params):,} LoRA parameters on {world.size} x "
-          f"{world.device.type}, global batch {cfg.batch_size * world.size * cfg.grad_accum}, "
-          f"{num_images} images -> {out}")
-    return log_path
-
-
-def print_summary(cfg, steps_done, step, elapsed, skipped, world, out):
-    images = steps_done * cfg.grad_accum * world.size * cfg.batch_size
-    print(f"skipped {len(skipped)} unreadable images" + (f": {sorted(skipped)[:5]}" if skipped else ""))
-    print(f"done: {steps_done} steps (to step {step}) in {elapsed:.1f} s, "
-          f"{images / max(elapsed, 1e-9):.2f} images/s, {peak_memory(world.device)}; LoRA in "
-          f"{out / 'smooth_lora.safetensors'}")
+    return runstate.TrainResult(exit_code, step, out)
 
 
 def main(argv=None):
     cfg, explicit = parse_args(argv)
-    world = setup_distributed(cfg)
-    # ---- the toy world: no --model trains on toy.py's tiny SD with its defaults, then reports ----
-    toy_world = cfg.model is None
-    if toy_world:
-        use_toy_world(cfg, explicit, world.master)
-        if world.distributed:
-            dist.barrier()  # rank 0 may have written the toy data
+    world = runstate.setup_distributed(cfg)
+    if cfg.model is None:  # the toy world: its lambda-0 control, this Smooth-LoRA, then the paired report
+        from toy import main_job
+
+        return main_job.run(cfg, explicit, world, train)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    control = control_config(cfg) if toy_world and cfg.lambda_reg > 0 else None
-    if control is not None and finished_run(control):
-        if world.master:
-            print(f"reusing the lambda-0 control in {control.out} (same flags, finished)")
-    elif control is not None:
-        if world.master:
-            print(f"training the lambda-0 control first (same flags, --lambda-reg 0) in {control.out}")
-        if train(control, world).exit_code != 0:
-            teardown_distributed(world)
-            return 1
     result = train(cfg, world)
-    teardown_distributed(world)
-    if toy_world and world.master and result.exit_code == 0 and result.step == cfg.max_steps:
-        report_toy_world(cfg, control and control.out, result)
-    # ---- end of the toy world ----
+    runstate.teardown_distributed(world)
     return result.exit_code
 
 

@@ -94,7 +94,7 @@ def test_the_plan_derives_every_run_from_toy_defaults_and_the_two_forms():
     assert plan["ours"].flags == main_job.TRAIN_DEFAULTS == {**common, **main_job.OUR_FORM}  # the main job's run
     assert plan["paper"].flags == {**common, **main_job.PAPER_FORM}
     # Both forms differ only in lambda and reg_* flags, inert at lambda 0: one control, trained as
-    # train.control_config trains the main job's (TRAIN_DEFAULTS at lambda 0) up to those inert flags.
+    # main_job.control_config trains the main job's (TRAIN_DEFAULTS at lambda 0) up to those inert flags.
     assert plan["control"].flags == {**common, "lambda_reg": 0.0}
     assert {k: v for k, v in main_job.TRAIN_DEFAULTS.items() if k not in plan["control"].flags} == \
         {k: v for k, v in main_job.OUR_FORM.items() if k.startswith("reg_")}

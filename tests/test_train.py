@@ -24,10 +24,11 @@ import checkpoint
 import data
 import lora
 import regularizer
+import runstate
 import sampler
 import train
 from conftest import ROOT, perturb_
-from toy import main_job, world
+from toy import main_job
 
 TINY = ["--resolution", "16", "--batch-size", "2", "--grad-accum", "2", "--num-workers", "0"]
 CAPTIONS = ["a red circle", "a blue square on a red background", "a photo of a cat", "a dog", "a blue dog"]
@@ -260,10 +261,10 @@ def test_data_order_depends_on_the_global_position_only():
 
 def test_toy_world_defaults_apply_unless_the_flag_was_given(monkeypatch, tmp_path):
     written = []
-    monkeypatch.setattr(world, "prepare_data", written.append)
-    monkeypatch.setattr(train, "ROOT", tmp_path)
+    monkeypatch.setattr(main_job, "prepare_data", written.append)
+    monkeypatch.setattr(main_job, "ROOT", tmp_path)
     cfg, explicit = train.parse_args(["--lr=5e-4", "--max-steps", "7"])
-    train.use_toy_world(cfg, explicit, master=True)
+    main_job.use_toy_world(cfg, explicit, master=True)
     assert cfg.lr == 5e-4 and cfg.max_steps == 7  # given on the command line
     for name, value in main_job.TRAIN_DEFAULTS.items():
         if name not in ("lr", "max_steps"):
@@ -473,14 +474,14 @@ def test_bf16_regularized_run_on_cpu_has_finite_losses_an_fp32_lora_and_ends_nea
 def test_device_default_and_backend_choice(monkeypatch):
     cfg = train.TrainConfig()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert train.resolve_device(cfg, local_rank=0) == torch.device("cpu")
+    assert runstate.resolve_device(cfg, local_rank=0) == torch.device("cpu")
     with pytest.raises(ValueError, match="no usable CUDA GPU"):
-        train.resolve_device(train.TrainConfig(device="cuda"), local_rank=0)
+        runstate.resolve_device(train.TrainConfig(device="cuda"), local_rank=0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert train.resolve_device(cfg, local_rank=3) == torch.device("cuda", 3)  # torchrun's LOCAL_RANK
-    assert train.resolve_device(train.TrainConfig(device="cpu"), local_rank=3) == torch.device("cpu")
-    assert train.process_group_backend(torch.device("cuda", 3)) == "nccl"
-    assert train.process_group_backend(torch.device("cpu")) == "gloo"
+    assert runstate.resolve_device(cfg, local_rank=3) == torch.device("cuda", 3)  # torchrun's LOCAL_RANK
+    assert runstate.resolve_device(train.TrainConfig(device="cpu"), local_rank=3) == torch.device("cpu")
+    assert runstate.process_group_backend(torch.device("cuda", 3)) == "nccl"
+    assert runstate.process_group_backend(torch.device("cpu")) == "gloo"
 
 
 DDP_CHECK = '''
@@ -555,9 +556,9 @@ def test_a_resume_refuses_another_regularizer_form_unless_overridden():
     cfg, _ = train.parse_args(["--reg-normalize", "relative"])
     saved = {**dataclasses.asdict(cfg), "reg_normalize": "none"}
     with pytest.raises(ValueError, match="--reg-normalize: saved none, now relative"):
-        train.resume_changes(cfg, saved)
+        runstate.resume_changes(cfg, saved)
     cfg, _ = train.parse_args(["--reg-normalize", "relative", "--resume-override", "reg_normalize"])
-    assert train.resume_changes(cfg, saved) == {"reg_normalize": ("none", "relative")}
+    assert runstate.resume_changes(cfg, saved) == {"reg_normalize": ("none", "relative")}
 
 
 def test_all_linear_lora_trains_every_linear_saves_peft_and_loads_back_to_the_same_model(tiny_sd, images,
@@ -587,7 +588,7 @@ def test_all_linear_lora_trains_every_linear_saves_peft_and_loads_back_to_the_sa
 def test_a_resume_never_changes_the_lora_targets_and_older_checkpoints_count_as_attention():
     cfg, _ = train.parse_args(["--lora-targets", "all-linear", "--resume-override", "lora_targets"])
     with pytest.raises(ValueError, match="--lora-targets: saved attention, now all-linear"):
-        train.resume_changes(cfg, {**dataclasses.asdict(cfg), "lora_targets": "attention"})
+        runstate.resume_changes(cfg, {**dataclasses.asdict(cfg), "lora_targets": "attention"})
     cfg, _ = train.parse_args([])
     older = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("lora_targets", "reg_normalize")}
-    assert train.resume_changes(cfg, older) == {}
+    assert runstate.resume_changes(cfg, older) == {}
