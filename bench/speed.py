@@ -472,7 +472,7 @@ def print_table(rows):
     print("mem x: peak RSS ratio for forwards; EXTRA peak (peak - memory before the step) ratio for steps.")
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small configs only (~1 min on 2 CPU cores)")
     p.add_argument("--json", help="write all measurements and the ratio table to this file")
@@ -485,6 +485,11 @@ def main(argv=None):
     p.add_argument("--gpu-check", action="store_true", help="with --device cuda: UNet parity with diffusers "
                    "(fp32/fp16/bf16), the 512 px regularized step at batch 1 and 3, 20-step toy runs")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one case as JSON, in this process
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("python -m bench: error: --device cuda but torch.cuda.is_available() is False: no CUDA GPU (or "

@@ -9,10 +9,7 @@ from toy import instruments, report, tables, world
 from toy.pretrain import pretrain
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["tables"]:  # the tables have their own options: `python -m toy tables --help`
-        return tables.main(argv[1:])
+def build_parser():
     p = argparse.ArgumentParser(prog="python -m toy", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     pre = sub.add_parser("pretrain", help="train the tiny SD, the classifier; write assets/")
@@ -32,7 +29,14 @@ def main(argv=None):
     data.add_argument("--seed", type=int, default=0)
     data.add_argument("--split", choices=("train", "heldout"), default="train")
     sub.add_parser("tables", help="the paper's tables on the toy world (`python -m toy tables --help`)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["tables"]:  # the tables have their own options: `python -m toy tables --help`
+        return tables.main(argv[1:])
+    args = build_parser().parse_args(argv)
     if args.command == "data":
         print(world.prepare_data(args.folder, args.n, args.seed, args.split))
         return 0
