@@ -18,6 +18,8 @@ readable image)
 raise `ValueError` when the dataset is built, before any training.
 
 `stream_keys` is the sampler: one global, seeded order over all samples, shared by every rank.
+`labelled_grid` draws the labelled rows of frames that train.py's validation strips, the demos and
+the toy world's reports save.
 """
 import json
 import signal
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DATA_ORDER, SAMPLE_STREAM = 0, 1  # tags that keep the two uses of the seed independent
@@ -200,3 +202,20 @@ def per_sample_randomness(seed, keys, shape, num_train_timesteps):
         direction.append(torch.randn(shape, generator=g))
         posterior.append(torch.randn(shape, generator=g))
     return torch.stack(t), torch.stack(noise), torch.stack(direction), torch.stack(posterior)
+
+
+# ------------------------------------------------------------------------------ figures
+
+def labelled_grid(rows, scale=2, label_width=150):
+    """rows: [(label, images [N, 3, H, W] in [0, 1])] -> one PIL image, a text label left of each row,
+    every frame enlarged `scale` times (nearest neighbour: the pixels stay visible)."""
+    strips = [np.concatenate(list((im.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)), axis=1)
+              for _, im in rows]
+    h, w = strips[0].shape[0] * scale, max(s.shape[1] for s in strips) * scale
+    canvas = Image.new("RGB", (label_width + w, h * len(rows)), (255, 255, 255))
+    pen = ImageDraw.Draw(canvas)
+    for i, ((label, _), strip) in enumerate(zip(rows, strips)):
+        image = Image.fromarray(strip).resize((strip.shape[1] * scale, h), Image.NEAREST)
+        canvas.paste(image, (label_width, i * h))
+        pen.text((4, i * h + h // 2 - 6), label, fill=(0, 0, 0))
+    return canvas

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+import data
 import lora
 import metrics
 import sampler
@@ -154,24 +155,20 @@ def validate(cfg, sd, schedule, latent_shape, step, out, world, autocast):
         strips = sampler.interpolation_strips(sd.unet, sd.vae, sd.encode_prompt, prompts,
                                               latent_shape=latent_shape, steps=cfg.validation_steps,
                                               schedule=schedule, progress=False).float().cpu()
+    per_strip = [metrics.istd(s) for s in strips]
     folder = out / "validation"
     folder.mkdir(parents=True, exist_ok=True)
-    _grid(strips).save(folder / f"step-{step}.png")  # a row per prompt, a column per frame
+    rows = [(f"step {step}\nISTD {istd:.3f}", strip) for istd, strip in zip(per_strip, strips)]
+    scale = max(1, 64 // strips.shape[-2])  # toy frames (32 px) drawn 2x; SD's 512 px as they are
+    data.labelled_grid(rows, scale=scale, label_width=90).save(folder / f"step-{step}.png")  # a row per prompt
     stages = sorted((int(p.stem.split("-")[1]), p) for p in folder.glob("step-*.png"))
     stages = [Image.open(p).convert("RGB") for n, p in stages if n <= step]  # a resume rewrites later ones
     progress = Image.new("RGB", (max(im.width for im in stages), sum(im.height + 2 for im in stages)), "white")
     for k, im in enumerate(stages):
         progress.paste(im, (0, sum(s.height + 2 for s in stages[:k])))
     progress.save(folder / "progress.png")
-    return {"istd": sum(metrics.istd(s) for s in strips) / len(strips),
+    return {"istd": sum(per_strip) / len(strips),
             "mean_adjacent_distance": sum(metrics.adjacent_distances(s).mean().item() for s in strips) / len(strips)}
-
-
-def _grid(strips):
-    """[P, F, 3, H, W] in [0, 1] -> one PIL image, P rows of F frames."""
-    p, f, c, h, w = strips.shape
-    grid = strips.permute(0, 3, 1, 4, 2).reshape(p * h, f * w, c)  # [P*H, F*W, 3]
-    return Image.fromarray((grid.clamp(0, 1) * 255).round().to(torch.uint8).numpy())
 
 
 # --------------------------------------------------------------------- processes

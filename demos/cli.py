@@ -349,6 +349,7 @@ def run_interpolate(args, s):
         written.append(media.save_strip(baseline, s.out / "vae_interpolation.png"))
         report["vae_interpolation_istd"] = metrics.istd(baseline)
     # With --compare-base, the same walk again with the LoRA switched off: Stable vs Smooth Diffusion.
+    walks = {}
     for suffix, lora_scale in [("", 1.0)] + [("_base", 0.0)] * args.compare_base:
         if args.lora:
             lora.set_lora_scale(unet, lora_scale)
@@ -357,7 +358,15 @@ def run_interpolate(args, s):
         strips = frames.unfold(0, args.frames, args.frames - 1).permute(0, 4, 1, 2, 3)  # [segments, frames, 3, H, W]
         report[f"istd{suffix}"] = sum(metrics.istd(strip) for strip in strips) / len(strips)
         report[f"mean_adjacent_distance{suffix}"] = metrics.adjacent_distances(frames).mean().item()
+        walks[suffix] = frames.cpu()
     report["istd_note"] = ONE_STRIP_NOTE if len(strips) == 1 else WALK_NOTE
+    if args.compare_base:  # one figure and one animation: Stable Diffusion above the Smooth-LoRA
+        rows = [(f"LoRA off (base)\nISTD {report['istd_base']:.3f}", walks["_base"]),
+                (f"Smooth-LoRA\nISTD {report['istd']:.3f}", walks[""])]
+        scale = max(1, 128 // s.height)  # small frames (the toy's 32 px) enlarged, nearest neighbour
+        written += [media.save_comparison(rows, s.out / "interpolation_compare.png", scale=scale),
+                    media.save_comparison_animation(rows, s.out / f"interpolation_compare.{args.video}",
+                                                    scale=scale, fps=args.fps)]
     return written, report
 
 

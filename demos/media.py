@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+import data
+
 
 def read_rgb(path):
     """An image file as a PIL RGB image (transparent pixels over white); ValueError if it is unreadable."""
@@ -67,6 +69,21 @@ def save_strip(images, path, *, columns=None):
         sheet.paste(f, ((k % columns) * f.width, (k // columns) * f.height))
     sheet.save(path)
     return path
+
+
+def save_comparison(rows, path, *, scale=1):
+    """rows: [(label, frames [N, 3, H, W])] -> one PNG, a labelled row per model, frames enlarged `scale`x."""
+    data.labelled_grid(rows, scale=scale, label_width=120).save(path)
+    return path
+
+
+def save_comparison_animation(rows, path, *, scale=1, fps=10.0):
+    """The same rows as an animation: frame k of every row above one another, labelled (GIF or MP4)."""
+    sheets = [data.labelled_grid([(label, frames[k:k + 1]) for label, frames in rows], scale=scale, label_width=120)
+              for k in range(len(rows[0][1]))]
+    images = torch.stack([torch.from_numpy(np.asarray(sheet, dtype=np.float32) / 255).permute(2, 0, 1)
+                          for sheet in sheets])
+    return save_animation(images, path, fps=fps)
 
 
 def save_frames(images, folder):

@@ -427,6 +427,13 @@ def test_cli_lora_flag_loads_the_lora_into_the_unet(cli, tiny_sd, tmp_path):
     assert np.abs(with_lora[:, :16] - smooth).max() == 0  # frame 0 is the LoRA sample of the same seed
     assert np.abs(base[:, :16] - plain).max() == 0  # and --compare-base switched the LoRA off
     assert {"istd", "istd_base"} <= set(json.loads((out / "metrics.json").read_text()))
+    figure = Image.open(out / "interpolation_compare.png")  # base above Smooth-LoRA, 16 px frames drawn 8x
+    assert figure.size == (120 + 3 * 128, 2 * 128)
+    shown = np.asarray(figure.convert("RGB"), dtype=np.float64)
+    assert np.abs(shown[0:128:8, 120:248:8] - plain).max() <= 1  # row 0, frame 0: the LoRA switched off
+    assert np.abs(shown[128:256:8, 120:248:8] - smooth).max() <= 1  # row 1, frame 0: with the LoRA
+    assert (shown[:, :120] < 128).any()  # the labels
+    assert Image.open(out / "interpolation_compare.gif").size == (120 + 128, 2 * 128)  # one frame of each row
     with pytest.raises(SystemExit, match="--lora not found"):
         run("generate", "--lora", str(tmp_path / "missing.safetensors"), name="missing")
 

@@ -320,7 +320,9 @@ def test_validation_strips_istd_in_the_log_and_a_resume_with_validation_stays_bi
     folder = tmp_path / "run" / "validation"
     assert sorted(p.name for p in folder.iterdir()) == ["progress.png", "step-0.png", "step-2.png", "step-4.png"]
     step_image = Image.open(folder / "step-2.png")
-    assert step_image.size == (11 * 16, 2 * 16)  # 11 frames x 2 prompts of 16 px images
+    assert step_image.size == (90 + 11 * 64, 2 * 64)  # a label column, 11 frames x 2 prompts, 16 px drawn 4x
+    label = np.asarray(step_image.convert("L"))[:, :90]
+    assert (label[:64] < 128).sum() > 20 and (label[64:] < 128).sum() > 20  # each row has its step / ISTD text
     assert Image.open(folder / "progress.png").size == (step_image.width, 3 * (step_image.height + 2))
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [0, 1, 2, 3, 4]

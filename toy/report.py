@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
+import data
 from toy import instruments
 from toy.world import (MODEL_DIR, RESOLUTION, caption, caption_accuracy, heldout_prompts, load_classifier,
                        make_images)
@@ -63,21 +63,6 @@ def evaluate(model=MODEL_DIR, out="runs/toy_eval", per_prompt=4, steps=50, guida
     (Path(out) / "eval.json").write_text(json.dumps(results, indent=2))
     return results
 
-
-
-def labelled_grid(rows, scale=2, label_width=150):
-    """rows: [(label, images [N, 3, H, W] in [0, 1])] -> one PIL image, a text label left of each row,
-    every frame enlarged `scale` times (nearest neighbour: the pixels stay visible)."""
-    strips = [np.concatenate(list((im.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)), axis=1)
-              for _, im in rows]
-    h, w = strips[0].shape[0] * scale, max(s.shape[1] for s in strips) * scale
-    canvas = Image.new("RGB", (label_width + w, h * len(rows)), (255, 255, 255))
-    pen = ImageDraw.Draw(canvas)
-    for i, ((label, _), strip) in enumerate(zip(rows, strips)):
-        image = Image.fromarray(strip).resize((strip.shape[1] * scale, h), Image.NEAREST)
-        canvas.paste(image, (label_width, i * h))
-        pen.text((4, i * h + h // 2 - 6), label, fill=(0, 0, 0))
-    return canvas
 
 
 @dataclass
@@ -150,7 +135,7 @@ def report(model_path, loras, out_dir, protocol=None, reference="control"):
                     results[name]["per_strip_" + key], results[reference]["per_strip_" + key])
     out.mkdir(parents=True, exist_ok=True)
     grid = [(f"strip {k}: {name}", strips[k]) for k in range(p.figure_strips) for name, strips in rows]
-    labelled_grid(grid, scale=4).save(out / "interpolation_before_after.png")
+    data.labelled_grid(grid, scale=4).save(out / "interpolation_before_after.png")
     summary = {"protocol": vars(p), "prompts": prompts, "reference": reference, "models": results}
     (out / "report.json").write_text(json.dumps(summary, indent=1))
     print(report_line(summary, out))

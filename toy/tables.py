@@ -62,6 +62,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import checkpoint
+import data
 import lora
 import metrics
 import sampler
@@ -597,10 +598,10 @@ def save_figures(out, strips, edits, figure_rows, labels):
     names = [n for n in figure_rows if n in strips]
     if names:
         rows = [(f"{k + 1}: {labels[n]}", strips[n][k]) for k in range(min(3, len(strips[names[0]]))) for n in names]
-        report.labelled_grid(rows).quantize(256).save(out / "interpolation.png")  # a palette PNG: small
+        data.labelled_grid(rows).quantize(256).save(out / "interpolation.png")  # a palette PNG: small
     if edits:
         rows = [(labels[n], torch.stack([e["source"], e["nti"], e["edit"]])) for n, e in edits.items()]
-        report.labelled_grid(rows, scale=4).quantize(256).save(out / "edit.png")
+        data.labelled_grid(rows, scale=4).quantize(256).save(out / "edit.png")
 
 
 def save_tradeoff_plot(path, points, target=-0.40, size=(640, 440), margin=(70, 30, 30, 50)):
