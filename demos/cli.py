@@ -25,7 +25,7 @@ import metrics
 from sampler import (Schedule, ddim_invert, ddim_sample, decode_latents, edit, encode_images, evaluate_istd,
                      interpolate, interpolate_vae, make_schedule, noise_pair, null_text_invert)
 
-from demos import media
+from demos import evaluate, media
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = ROOT / "assets" / "toy-sd"  # built by `python -m toy pretrain`
@@ -151,6 +151,26 @@ def build_parser():
     p.add_argument("--prompts-file", required=True, help="text file, one prompt per line")
     p.add_argument("--frames", type=FRAMES, default=11, help="frames per prompt (paper: %(default)s)")
     p.add_argument("--batch-size", type=POSITIVE, default=12, help="strips per UNet batch (default: %(default)s)")
+    p = sub.add_parser("evaluate", parents=[common, size, sampling], help="Table 1: ISTD, FID, KID and CLIP score, "
+                       "images kept in --out (docs/evaluate.md); the toy model: the toy's own instruments")
+    add = p.add_argument
+    add("--prompts-file", default=None, help="captions, one per line (default for the toy: its 24 held-out prompts)")
+    add("--reference-images", default=None, help="folder of real images for FID/KID (the toy: 1000 real images)")
+    add("--num-images", type=POSITIVE, default=None, help="image k: prompt k mod P, the noise of `generate --seed "
+        "SEED+k` (default: one per prompt; the toy: 240)")
+    add("--istd-prompts", type=_number(int, 0), default=None, help="ISTD strips, on the first N prompts (paper and "
+        "default: 500, or every prompt if fewer; 0: none)")
+    add("--frames", type=FRAMES, default=11, help="frames per ISTD strip (paper: %(default)s)")
+    add("--batch-size", type=POSITIVE, default=None, help="images per UNet batch (default: 8; the toy: 32)")
+    add("--inception-weights", default=None, help="Inception-v3 weights file for FID/KID (default: torch-fidelity's "
+        "file in the torch hub cache)")
+    add("--clip-model", default=None, help="CLIP for the CLIP score: a hub id (cached) or a folder (default: "
+        "openai/clip-vit-large-patch14)")
+    add("--compare", default=None, metavar="OTHER_OUT", help="paired differences against another evaluation's --out")
+    add("--compare-base", action="store_true", help="with --lora: also evaluate the model without it (in OUT/base) "
+        "and compare")
+    add("--bootstrap", type=_number(int, 0), default=100, help="paired bootstrap replicates for FID/KID differences "
+        "(default: %(default)s)")
     return parser
 
 
@@ -167,7 +187,7 @@ def _check_inputs(args):
                 media.read_rgb(getattr(args, name))
             except ValueError as error:
                 fail(f"--{name.replace('_', '-')}: {error}")
-    if args.command == "istd":
+    if getattr(args, "prompts_file", None):
         try:
             lines = Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as error:
@@ -187,6 +207,11 @@ def _check_inputs(args):
         fail(media.ffmpeg_missing_message())
     if args.command == "interpolate":
         _check_interpolate(args)
+    if args.command == "evaluate":  # before the models: bad options, weights or extras fail at once
+        try:
+            evaluate.prepare(args)
+        except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
+            fail(error)
 
 
 def _check_interpolate(args):
@@ -406,8 +431,15 @@ def run_istd(args, s):
     return [], report
 
 
+def run_evaluate(args, s):
+    try:
+        return evaluate.run(args, s)
+    except evaluate.Refused as error:  # an OUT of other settings, a --compare that does not pair
+        fail(error)
+
+
 COMMANDS = {"generate": run_generate, "interpolate": run_interpolate, "invert": run_invert, "edit": run_edit,
-            "istd": run_istd}
+            "istd": run_istd, "evaluate": run_evaluate}
 
 
 def main(argv=None):
