@@ -140,8 +140,9 @@ def inception_weights(path=None):
 
 
 def inception(weights_file, device="cpu"):
-    """torchmetrics' Inception-v3 (torch-fidelity's TF-compatible port), pool features [B, 2048] of uint8 images
-    (resized to 299 x 299 inside, bilinear with antialiasing: torchmetrics' default)."""
+    """torchmetrics' Inception-v3 (torch-fidelity's port of TF FID's network): pool features [B, 2048] of uint8
+    images, resized to 299 x 299 inside as the original TF FID code does (antialias=False: torchmetrics' default,
+    True, resizes otherwise and gives other values; its docs say so)."""
     if importlib.util.find_spec("torch_fidelity") is None:
         raise ModuleNotFoundError(f"FID/KID's Inception needs torch-fidelity, not installed: {EXTRAS}")
     try:
@@ -150,7 +151,7 @@ def inception(weights_file, device="cpu"):
         raise ModuleNotFoundError(f"torch-fidelity cannot be imported ({str(error).splitlines()[0][:200]}); it needs a "
                                   f"torchvision built for your torch: {EXTRAS}") from None
     return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                              feature_extractor_weights_path=str(weights_file)).to(device)
+                              feature_extractor_weights_path=str(weights_file), antialias=False).to(device)
 
 
 class ClipEmbeddings(nn.Module):
@@ -234,7 +235,7 @@ def inception_clip_instruments(reference_images, *, inception_weights_path=None,
                          f"({'/'.join(IMAGE_SUFFIXES)}); FID needs at least 2 (the paper's kind: thousands)")
     loader = clip_loader(clip_model)
     return Instruments(inception(weights, device), clip_score(loader, device), "clip_score", reference, {
-        "features": "Inception-v3 pool3 (2048), torchmetrics NoTrainInceptionV3, antialiased resize to 299",
+        "features": "Inception-v3 pool3 (2048), torchmetrics NoTrainInceptionV3, TF FID's resize to 299",
         "text": f"CLIP score, torchmetrics CLIPScore, {clip_model}",
         "reference": f"{len(files)} images of {Path(reference_images).resolve()}, center crop to the generated "
                      "images' aspect ratio, bicubic resize to their size"})

@@ -196,6 +196,46 @@ def test_compare_pairs_two_toy_evaluations(tmp_path, capsys):
     assert "seed" in str(error.value) and not (tmp_path / "c").exists()
 
 
+def test_a_real_model_with_lora_against_its_base_end_to_end(tiny_sd, tmp_path, monkeypatch, capsys):
+    """The Inception / CLIP path on a tiny random SD with a LoRA and --compare-base: the tiny CLIP folder, a
+    folder of real images of another size and shape, and TinyFeatures standing in for the Inception (the real
+    one needs torch-fidelity and its weights file; loading that file is all `evaluate.inception` adds)."""
+    import checkpoint
+    import lora
+    from demos import cli
+
+    models = checkpoint.load_models(tiny_sd[0])
+    with torch.no_grad():  # the up matrices start at zero; make the LoRA change the UNet
+        for k, p in enumerate(lora.inject_lora(models.unet, rank=2)):
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(100 + k)))
+    lora.save_lora(models.unet, tmp_path / "lora.safetensors")
+    (tmp_path / "prompts.txt").write_text("\n".join(CAPTIONS[:5]) + "\n")
+    (tmp_path / "real").mkdir()
+    for k, image in enumerate(blobs(12, seed=7, size=24)):  # 24 x 20: center-cropped to 20 x 20, resized to 16
+        Image.fromarray(image.permute(1, 2, 0).numpy()[:, :20]).save(tmp_path / "real" / f"{k:02d}.jpg")
+    (tmp_path / "inception.pth").write_bytes(b"")
+    monkeypatch.setattr(evaluate, "inception", lambda weights_file, device="cpu": TinyFeatures())
+    common = ["--model", str(tiny_sd[0]), "--steps", "2", "--seed", "5"]
+    cli.main(["evaluate", *common, "--lora", str(tmp_path / "lora.safetensors"), "--compare-base",
+              "--prompts-file", str(tmp_path / "prompts.txt"), "--reference-images", str(tmp_path / "real"),
+              "--clip-model", str(make_tiny_clip(tmp_path / "clip")), "--inception-weights",
+              str(tmp_path / "inception.pth"), "--num-images", "6", "--batch-size", "4", "--frames", "3",
+              "--bootstrap", "3", "--out", str(tmp_path / "out")])
+    smooth, base = (json.loads((tmp_path / folder / "metrics.json").read_text()) for folder in ("out", "out/base"))
+    assert (smooth["lora"], base["lora"]) == (str(tmp_path / "lora.safetensors"), None)
+    assert (smooth["num_images"], smooth["num_reference"], smooth["istd_prompts"]) == (6, 12, 5)
+    assert len(smooth["per_image_clip_score"]) == 6 and smooth["clip_score"] > 0
+    assert smooth["compare"]["fid"]["mean"] == pytest.approx(smooth["fid"] - base["fid"])
+    assert smooth["compare"]["istd"]["n"] == 5 and "paired vs" in capsys.readouterr().out
+    # image k is `generate --seed SEED+k` with prompt k mod P; the LoRA changed it
+    cli.main(["generate", *common, "--seed", "6", "--prompt", CAPTIONS[1], "--lora",
+              str(tmp_path / "lora.safetensors"), "--out", str(tmp_path / "generate")])
+    image_1, base_1 = (np.asarray(Image.open(evaluate.image_file(tmp_path / folder, 1)), dtype=np.float64)
+                       for folder in ("out", "out/base"))
+    generated = np.asarray(Image.open(tmp_path / "generate" / "sample.png"), dtype=np.float64)
+    assert np.abs(image_1 - generated).max() <= 1 and np.abs(image_1 - base_1).mean() > 1
+
+
 # --------------------------------------------------------------------- paired statistics, known answers
 
 def synthetic_evaluation(folder, generated, reference, per_prompt_istd, per_image_score):
