@@ -56,9 +56,6 @@ KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # torchmetrics' defaults (subset size 
 TOY_IMAGES = 240  # the toy: 10 images for each of its 24 held-out prompts
 TOY_REFERENCE = 1000  # the toy: real images of the held-out triples (seed 7, as `python -m toy evaluate`)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-# What makes the images in OUT what they are: a second call with other values must not reuse them.
-IMAGE_SETTINGS = ("model", "lora", "steps", "guidance", "seed", "negative_prompt", "width", "height", "dtype",
-                  "frames")
 # What two evaluations must share for their images to be pairs.
 PAIRING = ("prompts_sha256", "seed", "num_images", "istd_prompts", "frames", "width", "height", "instruments")
 
@@ -417,8 +414,7 @@ def compare(out, other, *, replicates=100, seed=0, device="cpu"):
     a, b = (json.loads((Path(p) / "metrics.json").read_text()) for p in (out, other))
     fa, fb = (load_file(str(Path(p) / "features.safetensors")) for p in (out, other))
     name = a["text_metric"]
-    result = {"other": str(other), name: paired_difference(a[f"per_image_{name}"],
-                                                                     b[f"per_image_{name}"])}
+    result = {"other": str(other), name: paired_difference(a[f"per_image_{name}"], b[f"per_image_{name}"])}
     if a["istd_prompts"] >= 2:
         for key in ("istd", "mean_adjacent_distance"):
             result[key] = paired_difference(a[f"per_prompt_{key}"], b[f"per_prompt_{key}"])
@@ -539,6 +535,7 @@ def run(args, s):
     for out, lora_file in evaluations:
         if args.lora:
             lora.set_lora_scale(s.models.unet, 1.0 if lora_file else 0.0)
+        # what makes the images in OUT what they are: a second call with other values must not reuse them
         settings = {"model": args.model, "lora": lora_file, "steps": args.steps, "guidance": args.guidance,
                     "seed": args.seed, "negative_prompt": args.negative_prompt, "width": s.width,
                     "height": s.height, "dtype": args.dtype, "frames": args.frames}
