@@ -2,7 +2,8 @@
 `python -m demos COMMAND` is the same).
 
 Commands: generate (images from seeds), interpolate (a noise walk through keyframes, or two real
-images, Fig. 3), invert (reconstruction metrics, Table 2), edit (Eq. 15), istd (Sec. 4.1). With no
+images, Fig. 3), invert (reconstruction metrics, Table 2), edit (Eq. 15), istd (Sec. 4.1), evaluate
+(Table 1: ISTD, FID, KID, CLIP score; demos/evaluate.py). With no
 arguments: the toy interpolation demo (`interpolate` with every default, with the Smooth-LoRA of
 `make run` when it exists). `--model` takes a local diffusers folder, a single-file checkpoint, or
 a Hugging Face repo id (`checkpoint.resolve_model`). `python sampler.py COMMAND --help` lists every
