@@ -145,7 +145,7 @@ def toy_evaluate(out, *extra):
     from demos import cli
 
     return cli.main(["evaluate", "--out", str(out), "--steps", "4", "--num-images", "10", "--batch-size", "4",
-                             "--istd-prompts", "2", "--frames", "3", *extra])
+                     "--istd-prompts", "2", "--frames", "3", *extra])
 
 
 def test_a_resumed_evaluation_writes_the_metrics_of_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
