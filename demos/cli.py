@@ -156,7 +156,8 @@ def build_parser():
                        "images kept in --out (docs/evaluate.md); the toy model: the toy's own instruments")
     add = p.add_argument
     add("--prompts-file", default=None, help="captions, one per line (default for the toy: its 24 held-out prompts)")
-    add("--reference-images", default=None, help="folder of real images for FID/KID (the toy: 1000 real images)")
+    add("--reference-images", default=None, help="folder of real images for FID/KID (default: none "
+        "with --model; the toy: 1000 real held-out images)")
     add("--num-images", type=POSITIVE, default=None, help="image k: prompt k mod P, the noise of `generate --seed "
         "SEED+k` (default: one per prompt; the toy: 240)")
     add("--istd-prompts", type=_number(int, 0), default=None, help="ISTD strips, on the first N prompts (paper and "
@@ -167,9 +168,10 @@ def build_parser():
         "file in the torch hub cache)")
     add("--clip-model", default=None, help="CLIP for the CLIP score: a hub id (cached) or a folder (default: "
         "openai/clip-vit-large-patch14)")
-    add("--compare", default=None, metavar="OTHER_OUT", help="paired differences against another evaluation's --out")
+    add("--compare", default=None, metavar="OTHER_OUT", help="paired differences against another evaluation's --out "
+        "(default: none)")
     add("--compare-base", action="store_true", help="with --lora: also evaluate the model without it (in OUT/base) "
-        "and compare")
+        "and compare (default: off)")
     add("--bootstrap", type=_number(int, 0), default=100, help="paired bootstrap replicates for FID/KID differences "
         "(default: %(default)s)")
     return parser
