@@ -6,7 +6,9 @@ Two layouts are read:
     format, for LAION-Aesthetics 6.5+) or `{"image": path, "text": caption}`; relative paths are read
     from `root` (train.py's --data-root), by default the JSONL's folder.
 
-Images are converted to RGB, the shorter side resized to the resolution, centre cropped (the official
+Every image file (training, inversion, the demos) is read by `read_image`, as image viewers show it: EXIF
+orientation applied, transparent pixels composited on white, 16-bit and float modes scaled to 8 bits. Then
+the shorter side is resized to the resolution, centre cropped (the official
 script crops at random; a centre crop keeps a sample a pure function of its index, which exact resume
 and world-size independence rely on) and scaled to [-1, 1].
 
@@ -14,20 +16,23 @@ A file that cannot be decoded is skipped, never a crash: the item is replaced by
 index (deterministically, so every rank and every resumed run sees the same substitute) and the
 skipped path is returned with the item so that the training script can count and log it. Problems
 that would make the whole run meaningless (no data, a missing caption, a missing image file, not one
-readable image)
-raise `ValueError` when the dataset is built, before any training.
+readable image, a JSONL value that is not a string)
+raise `ValueError` when the dataset is built, before any training. `fingerprint` (names, sizes, captions,
+count) lets a resumed run check that its data did not change.
 
 `stream_keys` is the sampler: one global, seeded order over all samples, shared by every rank.
 `labelled_grid` draws the labelled rows of frames that train.py's validation strips, the demos and
 the toy world's reports save.
 """
+import hashlib
 import json
+import os
 import signal
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DATA_ORDER, SAMPLE_STREAM = 0, 1  # tags that keep the two uses of the seed independent
@@ -45,7 +50,11 @@ def _folder_items(folder):
         if not caption.exists():
             raise ValueError(f"{path} has no caption file {caption.name}: write the caption there, "
                              "or move the image out of the data folder.")
-        items.append((str(path), caption.read_text(encoding="utf-8").strip()))
+        try:
+            items.append((str(path), caption.read_text(encoding="utf-8").strip()))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{caption} is not UTF-8 text ({e.reason} at byte {e.start}): save the caption "
+                             "as UTF-8.") from None
     return items
 
 
@@ -53,11 +62,18 @@ JSONL_KEYS = (("file_name", "caption"), ("image", "text"))  # (image path, capti
 
 
 def _jsonl_record(line):
-    """(image path, caption) of one JSONL line, in either accepted key pair; KeyError if neither."""
+    """(image path, caption) of one JSONL line, in either accepted key pair; KeyError if neither, TypeError
+    if a value is not a string (a null caption is not the text "None") or the path is empty."""
     record = json.loads(line)
     for image_key, caption_key in JSONL_KEYS:
         if image_key in record and caption_key in record:
-            return record[image_key], record[caption_key]
+            image, caption = record[image_key], record[caption_key]
+            for key, value in ((image_key, image), (caption_key, caption)):
+                if not isinstance(value, str):
+                    raise TypeError(f'"{key}" is {json.dumps(value)}, not a string')
+            if not image.strip():
+                raise TypeError(f'"{image_key}" is an empty path')
+            return image, caption
     raise KeyError(f"keys {sorted(record)}")
 
 
@@ -73,7 +89,7 @@ def _jsonl_items(jsonl, root=None):
             accepted = " or ".join(f'{{"{i}": path, "{c}": caption}}' for i, c in JSONL_KEYS)
             raise ValueError(f"{jsonl}:{n}: expected a JSON object {accepted} ({e!r}).") from None
         path = Path(image) if Path(image).is_absolute() else root / image
-        (items if path.exists() else missing).append((str(path), str(text)))
+        (items if path.is_file() else missing).append((str(path), text))
     if missing:
         raise ValueError(f"{jsonl}: {len(missing)} of {len(items) + len(missing)} images do not exist, "
                          f"e.g. {missing[0][0]}. Relative paths are read from {root} (set it with "
@@ -101,10 +117,64 @@ def list_items(path, root=None):
     return items
 
 
+def data_root(path, root=None):
+    """The folder that names in `fingerprint` are relative to: the data folder, or a JSONL's root."""
+    path = Path(path)
+    return path if path.is_dir() else Path(root) if root is not None else path.parent
+
+
+def fingerprint(items, root):
+    """What a resume checks about the data: {count, sha256 of each image's name (relative to `root`), file
+    size and caption}. A file added, removed, renamed, rewritten to another size or recaptioned changes it."""
+    digest = hashlib.sha256()
+    for path, caption in items:
+        name = os.path.relpath(path, root)
+        digest.update(json.dumps([name, os.path.getsize(path), caption]).encode() + b"\n")
+    return {"count": len(items), "sha256": digest.hexdigest()}
+
+
+# ------------------------------------------------------------------------------------- image files
+
+WHITE = (255, 255, 255, 255)  # the background that transparent pixels are composited on (as the demos show them)
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def read_image(path):
+    """An image file as PIL RGB, the way image viewers show it: EXIF orientation applied, transparency
+    composited on white, 16-bit (I;16, and I: what PIL gives for some 16-bit files; 65535 = white) and
+    float (F: 0..1) grey scaled to 8 bits, CMYK / palette / grey converted by PIL. The first frame of an
+    animation. FileNotFoundError if there is no file, ValueError if it cannot be decoded."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return _to_rgb(ImageOps.exif_transpose(image))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:  # PIL's errors for a bad file
+        raise ValueError(f"cannot read the image {path}: {error}. Is it a complete PNG/JPEG file?") from None
+
+
+def _to_rgb(image):
+    if image.mode in SIXTEEN_BIT or image.mode == "I":
+        image = _grey_to_8_bits(image, 65535)
+    elif image.mode == "F":
+        image = _grey_to_8_bits(image, 1.0)
+    if image.mode in ALPHA_MODES or "transparency" in image.info:  # also P, L or RGB with a transparent colour
+        return Image.alpha_composite(Image.new("RGBA", image.size, WHITE), image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def _grey_to_8_bits(image, white):
+    """A grey image of values in [0, white] -> mode L (PIL's own conversion clips them at 255 instead)."""
+    values = np.asarray(image, dtype=np.float64)
+    return Image.fromarray(np.round(np.clip(values / white, 0, 1) * 255).astype(np.uint8), mode="L")
+
+
 def load_training_image(path, resolution):
-    """RGB, shorter side resized to `resolution`, centre crop -> [3, res, res] float in [-1, 1]."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
+    """`read_image`, shorter side resized to `resolution`, centre crop -> [3, res, res] float in [-1, 1]."""
+    im = read_image(path)
     scale = resolution / min(im.size)
     w, h = max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))
     im = im.resize((w, h), Image.BICUBIC)
@@ -120,6 +190,7 @@ class CaptionDataset(torch.utils.data.Dataset):
     def __init__(self, path, resolution, root=None):
         self.items = list_items(path, root)
         self.resolution = resolution
+        self.root = data_root(path, root)
         self._check_one_is_readable()
 
     def _check_one_is_readable(self):

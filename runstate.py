@@ -1,8 +1,10 @@
 """A training run's state and its processes: what train.py writes to OUT and how it resumes.
 
+- the output folder belongs to one run: OUT/train.lock while a run writes there (rank 0 of a torchrun job
+  holds it for every rank); a fresh run never replaces another run's files unless `--overwrite` says so;
 - checkpoints: OUT/state.pt (LoRA, optimizer, scaler, the running mean a of Eq. 9, step, data position,
   RNG, config) and OUT/smooth_lora.safetensors, both written atomically; snapshots; a resume that
-  refuses other optimization settings unless `--resume-override` names them;
+  refuses other optimization settings, or data whose fingerprint changed, unless `--resume-override` names them;
 - validation strips: Sec. 4.1's interpolation strips of a few prompts while training, with their ISTD;
 - processes: torchrun's ranks (NCCL between GPUs, gloo between CPU processes), the stop signals;
 - the log: OUT/log.jsonl, one record per step, and the summary printed at the end.
@@ -12,7 +14,10 @@ import json
 import os
 import pickle
 import resource
+import shutil
 import signal
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +48,93 @@ def overridden(cfg):
     return [name for name in (cfg.resume_override or "").split(",") if name]
 
 
+# ---------------------------------------------------- the output folder's owner
+
+LOCK = "train.lock"
+RUN_FILES = ("state.pt", "log.jsonl", "smooth_lora.safetensors")  # a folder with any of these holds a run
+
+
+def lock_out(out, world):
+    """Rank 0 creates OUT/train.lock (atomically: of two processes, one wins) and holds it for the whole
+    torchrun job -> its path (None on the other ranks); ValueError, on every rank, if another run holds it."""
+    error, lock = "", None
+    if world.master:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(out / LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            with os.fdopen(fd, "w") as f:
+                json.dump(dict(pid=os.getpid(), host=socket.gethostname(), started=time.time()), f)
+            lock = out / LOCK
+        except FileExistsError:
+            error = lock_holder_message(out) if out.is_dir() else f"--out {out} is a file, not a folder."
+        except OSError as e:
+            error = f"--out {out}: cannot write there ({e.strerror or e})."
+    if world.distributed:  # every rank learns rank 0's answer (they agree on everything before this point)
+        answer = [error]
+        dist.broadcast_object_list(answer, src=0)
+        error = answer[0]
+    if error:
+        raise ValueError(error)
+    return lock
+
+
+def unlock_out(lock, remove_folder=False):
+    """Remove the lock (rank 0); with remove_folder, also OUT if that leaves it empty (a refused run that
+    created it leaves nothing behind)."""
+    if lock is None:
+        return
+    lock.unlink(missing_ok=True)
+    if remove_folder and not any(lock.parent.iterdir()):
+        lock.parent.rmdir()
+
+
+def lock_holder_message(out):
+    """Why OUT is taken: by a live run (wait or choose another --out), or by one that is gone (how to clear it)."""
+    lock = out / LOCK
+    try:
+        holder = json.loads(lock.read_text())
+        pid, host, started = int(holder["pid"]), str(holder["host"]), float(holder["started"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return (f"--out {out} is locked by {lock}, which is unreadable: if no run writes to {out}, remove it "
+                f"(rm {lock}) and start again.")
+    who = f"PID {pid} on {host}, started {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(started))}"
+    if host == socket.gethostname() and not process_alive(pid):
+        return (f"--out {out} holds the lock of a run that is no longer running ({who}: killed or crashed?). "
+                f"If no other run writes there, remove the lock (rm {lock}) and start again; --resume "
+                "continues that run from its last checkpoint.")
+    return (f"--out {out} is in use by another run ({who}; its lock: {lock}). Wait for it to finish, or "
+            "choose another --out.")
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+def check_fresh_start(out, overwrite):
+    """A run without --resume must not replace another run's files: ValueError naming --resume and
+    --overwrite, unless `overwrite`."""
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not overwrite:
+        raise ValueError(f"--out {out} holds another run ({', '.join(found)}). Continue it with --resume, "
+                         "start over with --overwrite (which deletes that run's files), or choose another "
+                         "--out.")
+
+
+def discard_run(out):
+    """--overwrite: remove the files of the run in OUT (not its lock, not other folders such as control/)."""
+    for path in [out / name for name in RUN_FILES] + list(out.glob("smooth_lora-step*.safetensors")):
+        path.unlink(missing_ok=True)
+    for path in (out / "validation").glob("step-*.png"):
+        path.unlink()
+    (out / "validation" / "progress.png").unlink(missing_ok=True)
+
+
 # -------------------------------------------------------- checkpoints and resume
 
 STATE_KEYS = {"lora", "optimizer", "scaler", "regularizer", "step", "samples_seen", "rng", "config", "skipped"}
@@ -57,7 +149,7 @@ def atomic_save(path, write):
     os.replace(tmp, path)
 
 
-def save_checkpoint(out, unet, optimizer, scaler, reg, step, samples_seen, cfg, skipped, layout):
+def save_checkpoint(out, unet, optimizer, scaler, reg, step, samples_seen, cfg, skipped, layout, data_fingerprint):
     atomic_save(out / "smooth_lora.safetensors", lambda p: lora.save_lora(unet, p, layout=layout))
     state = {
         "lora": {k: v.detach().cpu() for k, v in unet.named_parameters() if v.requires_grad},
@@ -70,6 +162,7 @@ def save_checkpoint(out, unet, optimizer, scaler, reg, step, samples_seen, cfg, 
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "config": dataclasses.asdict(cfg),
         "skipped": sorted(skipped),
+        "data": data_fingerprint,  # data.fingerprint: a resume checks it (absent in older checkpoints)
     }
     atomic_save(out / "state.pt", lambda p: torch.save(state, p))
 
@@ -122,6 +215,20 @@ def resume_changes(cfg, saved_config):
     return changes
 
 
+def data_change(cfg, state, fingerprint):
+    """{"data_fingerprint": (saved, now)} if the data changed since the checkpoint, else {}; ValueError unless
+    --resume-override names data. Checkpoints older than the fingerprint are not checked."""
+    saved = state.get("data")
+    if saved is None or saved == fingerprint:
+        return {}
+    if "data" not in overridden(cfg):
+        raise ValueError(f"--resume: the data changed since the checkpoint ({saved['count']} images then, "
+                         f"{fingerprint['count']} now; names, file sizes or captions differ), so the run would "
+                         "not continue as it was. Resume with the data it trained on, or accept the change with "
+                         "--resume-override data (recorded in log.jsonl).")
+    return {"data_fingerprint": (saved, fingerprint)}
+
+
 def restore(state, cfg, unet, optimizer, scaler, reg):
     """Load the LoRA, optimizer, scaler, running mean a and RNG of `state`; the optimizer then uses the
     current lr and weight decay (equal to the saved ones unless overridden)."""
@@ -150,7 +257,7 @@ def validate(cfg, sd, schedule, latent_shape, step, out, world, autocast):
     """Rank 0: one interpolation strip per validation prompt with the current LoRA (the same noise pairs
     every time) -> {istd, mean_adjacent_distance} (means over prompts); OUT/validation/step-N.png and
     progress.png. The training RNG is left as it was, so a resumed run stays bit-exact."""
-    prompts = [line.strip() for line in Path(cfg.validation_prompts).read_text().splitlines() if line.strip()]
+    prompts = validation_prompts(cfg.validation_prompts)
     with torch.random.fork_rng(devices=[world.device] if world.device.type == "cuda" else []), autocast():
         strips = sampler.interpolation_strips(sd.unet, sd.vae, sd.encode_prompt, prompts,
                                               latent_shape=latent_shape, steps=cfg.validation_steps,
@@ -169,6 +276,17 @@ def validate(cfg, sd, schedule, latent_shape, step, out, world, autocast):
     progress.save(folder / "progress.png")
     return {"istd": sum(per_strip) / len(strips),
             "mean_adjacent_distance": sum(metrics.adjacent_distances(s).mean().item() for s in strips) / len(strips)}
+
+
+def validation_prompts(path):
+    """The non-blank lines of --validation-prompts; ValueError if there is none or the file is not UTF-8."""
+    try:
+        prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--validation-prompts {path} is not UTF-8 text ({e.reason} at byte {e.start}).") from None
+    if not prompts:
+        raise ValueError(f"--validation-prompts {path} has no prompts: write one prompt per line.")
+    return prompts
 
 
 # --------------------------------------------------------------------- processes

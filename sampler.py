@@ -72,11 +72,17 @@ def make_schedule(scheduler_config: dict | None = None) -> Schedule:
 
 
 def ddim_timesteps(steps: int, schedule: Schedule) -> torch.Tensor:
-    """The `steps` DDIM timesteps, descending, "leading" spacing: t_k = k * (T // steps) + steps_offset."""
+    """The `steps` DDIM timesteps, descending, "leading" spacing: t_k = k * (T // steps) + steps_offset.
+
+    The offset shrinks where it would put the first timestep past the schedule's last, T - 1: at steps = T
+    (stride 1) the grid is every timestep once, T-1..0. (diffusers' DDIMScheduler keeps the offset there,
+    and its first step then indexes abar_T, one past the end: an IndexError.)
+    """
     if not 1 <= steps <= schedule.num_train_timesteps:
         raise ValueError(f"steps must be in [1, {schedule.num_train_timesteps}], got {steps}")
     stride = schedule.num_train_timesteps // steps
-    return torch.arange(steps - 1, -1, -1) * stride + schedule.steps_offset
+    offset = min(schedule.steps_offset, schedule.num_train_timesteps - 1 - (steps - 1) * stride)
+    return torch.arange(steps - 1, -1, -1) * stride + offset
 
 
 def _abar(schedule, t):

@@ -21,8 +21,10 @@ sample and regularizer direction are functions of (seed, its position in the glo
 the regularizer's running mean `a` is averaged over ranks. So 2 processes x batch 1 give the same LoRA
 as 1 process x batch 2 (up to float summation order). `--resume` (= auto: OUT/state.pt) continues a
 run exactly; it refuses other optimization settings (lr, lambda, batch, seed, ...) unless
-`--resume-override` names them, and then the optimizer uses the new values. SIGTERM / Ctrl-C save a
-checkpoint and exit 143 / 130.
+`--resume-override` names them, and then the optimizer uses the new values; so does a dataset that
+changed. An output folder belongs to one run (OUT/train.lock): a second run there is refused, and a
+fresh run in a folder that holds a run needs `--overwrite`. SIGTERM / Ctrl-C save a checkpoint and exit
+143 / 130.
 
 Watching a long run (validation strips, snapshots, mixed precision) and the regularizer's cheaper
 variants (not in the paper): docs/training.md; every flag: `python train.py --help`.
@@ -115,6 +117,8 @@ class TrainConfig:
                                 "OUT/state.pt if it exists", nargs="?", const="auto")
     resume_override: str = _option(None, "comma-separated settings a --resume may change, e.g. lr,lambda_reg "
                                          "(without it, a resume with other optimization settings is refused)")
+    overwrite: bool = _option(False, "start afresh in an --out that holds another run, deleting that run's "
+                                     "files (without it, a run without --resume is refused there)")
     mixed_precision: str = _option("no", "frozen weights and autocast in this precision; the LoRA, its "
                                          "optimizer state and the regularizer stay fp32 (fp16: CUDA only)",
                                    choices=("no", "fp16", "bf16"))
@@ -158,19 +162,37 @@ def parse_args(argv):
     return cfg, set(vars(given.parse_args(argv)))
 
 
+# Every numeric flag's range, (lowest, highest or None), ends included but for OPEN_AT_LOW; floats must be
+# finite. The upper ends that are not None are far beyond any use (a typo, not a plan): SD-1.5 trains at 512 px,
+# batch 3, rank 8; torch seeds are 64-bit. The model's own limits are in check_model_limits.
+NUMBER_RANGES = dict(
+    resolution=(1, 8192), batch_size=(1, 65536), grad_accum=(1, None), max_steps=(1, None), lr=(0, None),
+    weight_decay=(0, None), rank=(1, 4096), lambda_reg=(0, None), reg_every=(1, None), reg_decay=(0, 1),
+    reg_timestep_buckets=(1, None), reg_batch_frac=(0, 1), fd_h=(0, None), save_every=(1, None),
+    snapshot_every=(0, None), keep_snapshots=(0, None), validate_every=(0, None), validation_steps=(1, None),
+    seed=(0, 2**64 - 1), num_workers=(0, 1024), threads=(1, 1024))
+OPEN_AT_LOW = ("lr", "reg_decay", "reg_batch_frac", "fd_h")  # > 0, not >= 0
+
+
+def check_number(name, value):
+    """ValueError unless `value` of --name is finite and in NUMBER_RANGES[name]."""
+    low, high = NUMBER_RANGES[name]
+    opening = "(" if name in OPEN_AT_LOW else "["
+    allowed = f"in {opening}{low}, {high}]" if high is not None else (
+        f"> {low}" if name in OPEN_AT_LOW else f"at least {low}")
+    inside = (low < value if name in OPEN_AT_LOW else low <= value) and (high is None or value <= high)
+    if not (math.isfinite(value) and inside):
+        raise ValueError(f"--{name.replace('_', '-')} must be {allowed}" +
+                         (" and finite" if isinstance(value, float) else "") + f", got {value}.")
+
+
 def check_config(cfg, device):
     """Errors in flag values, before any data or model is touched."""
-    for name in ("batch_size", "grad_accum", "max_steps", "rank", "reg_every", "save_every",
-                 "reg_timestep_buckets", "validation_steps", "resolution"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}.")
-    for name in ("seed", "snapshot_every", "keep_snapshots", "validate_every", "num_workers"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(cfg, name)}.")
-    if not 0 < cfg.reg_decay <= 1:
-        raise ValueError(f"--reg-decay must be in (0, 1], got {cfg.reg_decay}.")
-    if not 0 < cfg.reg_batch_frac <= 1:
-        raise ValueError(f"--reg-batch-frac must be in (0, 1], got {cfg.reg_batch_frac}.")
+    for name in NUMBER_RANGES:
+        if getattr(cfg, name) is not None:  # --threads: None is torch's choice
+            check_number(name, getattr(cfg, name))
+    if cfg.out is not None and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ValueError(f"--out {cfg.out} is a file, not a folder: name a folder (it is created if needed).")
     if cfg.model is not None and cfg.data is None:
         raise ValueError("--data is required with --model (an image folder or a .jsonl file).")
     if cfg.model is not None and Path(cfg.model).is_file() and cfg.tokenizer is None:
@@ -181,6 +203,8 @@ def check_config(cfg, device):
         raise ValueError("--validate-every needs --validation-prompts FILE (one prompt per line).")
     if cfg.validation_prompts is not None and not Path(cfg.validation_prompts).is_file():
         raise ValueError(f"--validation-prompts {cfg.validation_prompts} is not a file.")
+    if cfg.validation_prompts is not None:
+        runstate.validation_prompts(cfg.validation_prompts)  # at least one prompt
     unknown = set(runstate.overridden(cfg)) - set(runstate.OPTIMIZATION_SETTINGS)
     if unknown:
         raise ValueError(f"--resume-override {cfg.resume_override}: {', '.join(sorted(unknown))} is not a "
@@ -190,8 +214,14 @@ def check_config(cfg, device):
                          "--mixed-precision bf16 or no.")
 
 
-def check_resolution(cfg, sd):
-    """The resolution must pass the VAE's and the UNet's downsamplings of the loaded model."""
+def check_model_limits(cfg, sd):
+    """Flags the loaded model bounds: the resolution must pass the VAE's and the UNet's downsamplings; DDIM
+    steps and timestep buckets are at most the schedule's T -> the latent shape."""
+    steps = sampler.make_schedule(sd.scheduler_config).num_train_timesteps
+    for name in ("validation_steps", "reg_timestep_buckets"):
+        if getattr(cfg, name) > steps:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: this model's schedule has {steps} "
+                             f"timesteps; use 1 to {steps}.")
     vae_factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)  # 8 for SD-1.5
     unet_factor = 2 ** (len(sd.unet.config.block_out_channels) - 1)  # 8 for SD-1.5
     multiple = vae_factor * unet_factor
@@ -205,27 +235,35 @@ def check_resolution(cfg, sd):
 # ---------------------------------------------------------- data, model and LoRA
 
 def load_inputs(cfg, world, out):
-    """Everything that can be wrong with the input fails here, before anything is written ->
-    (dataset, sd, the state to resume from or None, latent shape)."""
+    """Everything that can be wrong with the input fails here, before anything is written but OUT's lock ->
+    (dataset, its fingerprint, sd, the state to resume from or None, latent shape, the lock)."""
+    lock, new_folder = None, not out.exists()
     try:
         check_config(cfg, world.device)
+        lock = runstate.lock_out(out, world)  # from here on, no other run writes to OUT
         resume = out / "state.pt" if cfg.resume == "auto" else cfg.resume and Path(cfg.resume)
         if resume is not None and not resume.exists():
             if cfg.resume != "auto":
                 raise ValueError(f"--resume {resume} does not exist.")
             resume = None  # auto: nothing to continue, start afresh
+        if resume is None:
+            runstate.check_fresh_start(out, cfg.overwrite)
         state = None if resume is None else runstate.read_state(resume)
         changes = {} if state is None else runstate.resume_changes(cfg, state["config"])
         dataset = data.CaptionDataset(cfg.data, cfg.resolution, root=cfg.data_root)
+        fingerprint = data.fingerprint(dataset.items, dataset.root)
+        if state is not None:
+            changes.update(runstate.data_change(cfg, state, fingerprint))
         sd = checkpoint.load_models(cfg.model, tokenizer=cfg.tokenizer, device=world.device,
                                     dtype=frozen_dtype(cfg))
-        latent_shape = check_resolution(cfg, sd)
+        latent_shape = check_model_limits(cfg, sd)
     except (ValueError, OSError) as e:
+        runstate.unlock_out(lock, remove_folder=new_folder)
         raise SystemExit(f"train.py: error: {e}")
     if state is not None and world.master:
         print(f"resumed from {resume} at step {state['step']}" + "".join(
             f"; {k} {old} -> {new} (--resume-override)" for k, (old, new) in changes.items()))
-    return dataset, sd, state and dict(state, changes=changes), latent_shape
+    return dataset, fingerprint, sd, state and dict(state, changes=changes), latent_shape, lock
 
 
 def frozen_dtype(cfg):
@@ -386,7 +424,17 @@ def optimizer_step(optimizer, scaler, params, loss):
 def train(cfg, world):
     """One whole training run of `cfg` (a Smooth-LoRA, or with lambda_reg 0 its plain-LoRA control)."""
     out = Path(cfg.out or "out")
-    dataset, sd, state, latent_shape = load_inputs(cfg, world, out)
+    dataset, fingerprint, sd, state, latent_shape, lock = load_inputs(cfg, world, out)
+    try:
+        return train_loaded(cfg, world, out, dataset, fingerprint, sd, state, latent_shape)
+    finally:
+        runstate.unlock_out(lock)
+
+
+def train_loaded(cfg, world, out, dataset, fingerprint, sd, state, latent_shape):
+    """The run of `train`, once its inputs are checked and loaded and OUT is locked."""
+    if state is None and cfg.overwrite and world.master:
+        runstate.discard_run(out)
     schedule = sampler.make_schedule(sd.scheduler_config)
     lora_params, reg, optimizer, scaler = add_lora(cfg, sd, world, schedule.num_train_timesteps)
     step, samples_seen, skipped = (0, 0, set()) if state is None else runstate.restore(
@@ -437,7 +485,7 @@ def train(cfg, world):
             skipped = runstate.all_gather_union(skipped, world)
             if world.master:
                 runstate.save_checkpoint(out, sd.unet, optimizer, scaler, reg, step, samples_seen, cfg, skipped,
-                                         layout)
+                                         layout, fingerprint)
         if stop_signal:
             if world.master:
                 tqdm.write(f"stopped by signal {stop_signal} at step {step}; checkpoint saved in {out} "

@@ -11,6 +11,7 @@ option with its default. Bad input ends in `sampler.py: error: ...` and a non-ze
 """
 import argparse
 import json
+import math
 import pickle
 import shutil
 import sys
@@ -21,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 
 import checkpoint
+import data
 import lora
 import metrics
 from sampler import (Schedule, ddim_invert, ddim_sample, decode_latents, edit, encode_images, evaluate_istd,
@@ -44,13 +46,14 @@ def fail(message):
 # ------------------------------------------------------------------------------------------- parser
 
 def _number(kind, low, high=None, message=None):
-    """An argparse type: `kind` (int or float) in [low, high]; a value outside gets `message` or the range."""
+    """An argparse type: `kind` (int or float), finite, in [low, high]; a value outside gets `message` or the
+    range."""
     message = message or (f"must be in [{low}, {high}]" if high is not None else
                           f"must be {'an integer ' if kind is int else ''}>= {low}")
 
     def parse(text):
         value = kind(text)  # a ValueError here becomes argparse's "invalid int value"
-        if not (low <= value and (high is None or value <= high)):  # also refuses NaN
+        if not (math.isfinite(value) and low <= value and (high is None or value <= high)):  # NaN, inf too
             raise argparse.ArgumentTypeError(f"{message}, got {text}")
         return value
     parse.__name__ = kind.__name__
@@ -58,7 +61,11 @@ def _number(kind, low, high=None, message=None):
 
 
 POSITIVE = _number(int, 1)
-FRAMES = _number(int, 2, message="need at least 2 frames to interpolate")
+# Upper ends far beyond any use (a typo, not a plan: the paper uses 11 frames, CFG 7.5, 512 px); seeds are torch's.
+FRAMES = _number(int, 2, 10_000, message="need at least 2 frames to interpolate, and at most 10000")
+COUNT = _number(int, 1, 10_000)
+PIXELS = _number(int, 1, 8192)
+SEED = _number(int, 0, 2**64 - 1)
 
 
 def _parents():
@@ -76,13 +83,13 @@ def _parents():
     add("--prompt", default=DEMO_PROMPT, help="the prompt (for images: their caption); default %(default)r")
     add("--negative-prompt", default="", help="CFG's unconditional prompt (Eq. 5); default %(default)r")
     add("--steps", type=POSITIVE, default=50, help="DDIM steps (paper: %(default)s)")
-    add("--guidance", type=_number(float, 0), default=7.5, help="CFG scale w of Eq. 5 (paper: %(default)s)")
-    add("--seed", type=int, default=0, help="seed of the initial noise (default: %(default)s)")
+    add("--guidance", type=_number(float, 0, 100), default=7.5, help="CFG scale w of Eq. 5 (paper: %(default)s)")
+    add("--seed", type=SEED, default=0, help="seed of the initial noise (default: %(default)s)")
     add("--out", default=None, help="output folder (default: out/COMMAND)")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: %(default)s)")
     size = argparse.ArgumentParser(add_help=False)
     for side in ("width", "height"):
-        size.add_argument(f"--{side}", type=POSITIVE, default=None,
+        size.add_argument(f"--{side}", type=PIXELS, default=None,
                           help=f"image {side} in pixels, a multiple of the model's (printed if wrong); "
                                "default: the model's native size (512 for SD-1.5)")
     sampling = argparse.ArgumentParser(add_help=False)
@@ -94,7 +101,7 @@ def _parents():
     inversion.add_argument("--inner-steps", type=POSITIVE, default=10,
                            help="null-text inversion: Adam steps per timestep (paper: %(default)s)")
     animation = argparse.ArgumentParser(add_help=False)
-    animation.add_argument("--fps", type=_number(float, 0.1), default=10.0,
+    animation.add_argument("--fps", type=_number(float, 0.1, 1000), default=10.0,
                            help="frames per second of the animation (default: %(default)s)")
     animation.add_argument("--video", choices=("gif", "mp4"), default="gif",
                            help="animation format; mp4 needs an ffmpeg executable on PATH (default: %(default)s)")
@@ -109,16 +116,16 @@ def build_parser():
                                      "arguments: the toy interpolation demo (`interpolate` with every default).")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("generate", parents=[common, size, sampling], help="sample images from seeds")
-    p.add_argument("--num-images", type=POSITIVE, default=1,
+    p.add_argument("--num-images", type=COUNT, default=1,
                    help="images of seeds SEED..SEED+N-1 (default: %(default)s)")
-    p.add_argument("--eta", type=_number(float, 0), default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like "
+    p.add_argument("--eta", type=_number(float, 0, 1), default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like "
                    "(default: %(default)s)")
     p.add_argument("--batch-size", type=POSITIVE, default=4, help="images per UNet batch (default: %(default)s)")
     p = sub.add_parser("interpolate", parents=[common, size, sampling, inversion, animation],
                        help="a walk through noise keyframes (--seed's pair, or --seeds), or between two real "
                             "images (--image-a/--image-b); writes a PNG sheet and an animation")
     p.add_argument("--frames", type=FRAMES, default=11, help="frames per segment, mix ratios 0..1 (paper: %(default)s)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+    p.add_argument("--seeds", type=SEED, nargs="+", default=None, metavar="SEED",
                    help="keyframe noises, the first noise of each seed (as `generate --seed`); default: the "
                         "two noises of --seed")
     p.add_argument("--prompts", nargs="+", default=None, metavar="PROMPT",
@@ -187,7 +194,7 @@ def _check_inputs(args):
     for name in ("image", "image_a", "image_b"):
         if getattr(args, name, None):
             try:
-                media.read_rgb(getattr(args, name))
+                data.read_image(getattr(args, name))
             except ValueError as error:
                 fail(f"--{name.replace('_', '-')}: {error}")
     if getattr(args, "prompts_file", None):
@@ -281,13 +288,19 @@ def _geometry(args, models):
     return width, height, (models.unet.config.in_channels, height // factor, width // factor)
 
 
-def _load(args):
-    """Models, schedule, geometry and prompt embeddings for a CLI command; creates the output folder."""
-    models = _load_models(args)
+def _schedule(args, models):
+    """The model's schedule, which bounds --steps."""
     schedule = make_schedule(models.scheduler_config)
     if args.steps > schedule.num_train_timesteps:
         fail(f"--steps {args.steps}: this model's scheduler has {schedule.num_train_timesteps} timesteps; "
              f"use 1 to {schedule.num_train_timesteps}")
+    return schedule
+
+
+def _load(args):
+    """Models, schedule, geometry and prompt embeddings for a CLI command; creates the output folder."""
+    models = _load_models(args)
+    schedule = _schedule(args, models)
     width, height, latent_shape = _geometry(args, models)
     out = Path(args.out or Path("out") / args.command)
     try:

@@ -1,4 +1,5 @@
 """Image and video files in and out for the sampler's demos: input images, strips, GIF / MP4, frames.
+Input images are read by data.read_image, as training reads them.
 
 Tensors are images in [0, 1], [N, 3, H, W] float (what `sampler.decode_latents` returns). MP4 is
 written by piping raw frames to an `ffmpeg` executable on PATH (no Python video package).
@@ -10,34 +11,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 import data
 
 
-def read_rgb(path):
-    """An image file as a PIL RGB image (transparent pixels over white); ValueError if it is unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        image = Image.open(path)
-        image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:  # PIL's errors for a corrupt file
-        raise ValueError(f"cannot read the image {path}: {error}. Is it a complete PNG/JPEG file?") from None
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, image.convert("RGBA"))
-    return image.convert("RGB")
-
-
 def load_image01(path, width, height):
-    """An image file as [1, 3, height, width] in [0, 1].
+    """An image file (data.read_image: EXIF orientation applied, transparency on white) as [1, 3, height, width]
+    in [0, 1].
 
     An image of another size is center-cropped to the aspect ratio width:height and resized
     (bicubic), as null-text inversion prepares its inputs, with a warning.
     """
-    image = read_rgb(path)
+    image = data.read_image(path)
     w, h = image.size
     if (w, h) != (width, height):
         warnings.warn(f"{path}: {w}x{h} is not the model's {width}x{height}; center-cropping to that aspect "

@@ -65,7 +65,7 @@ def test_schedule_and_timesteps_equal_diffusers_ddim_for_sd15_and_linear_configs
         torch.testing.assert_close(ours.alphas_cumprod, ref.alphas_cumprod, rtol=0, atol=0)
         torch.testing.assert_close(ours.betas, ref.betas, rtol=0, atol=0)
         assert ours.final_alpha_cumprod.item() == ref.final_alpha_cumprod.item()
-        for steps in (1, 7, 30, 50, 1000):
+        for steps in (1, 7, 30, 50, 999):  # 1000: tests/test_robust.py (diffusers indexes past the end there)
             ref.set_timesteps(steps)
             assert sampler.ddim_timesteps(steps, ours).tolist() == ref.timesteps.tolist()
     sd15 = sampler.make_schedule()  # no config: SD-1.5's values (sd15-facts.md section 4)

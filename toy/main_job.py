@@ -4,6 +4,9 @@ It trains on the toy world (toy/world.py's images, the tiny SD of assets/toy-sd)
 `TRAIN_DEFAULTS` (unless given on the command line): first the lambda-0 control (the same fine-tune
 without the regularizer, in OUT/control: fine-tuning alone moves ISTD), then the Smooth-LoRA, then the
 paired report of toy/report.py (Sec. 4.1's ISTD on the held-out prompts, Smooth-LoRA vs control).
+A finished run of the same flags is reused, not retrained (the control, and the Smooth-LoRA: then only the
+report is made again), so `make run` twice in a row trains once; `--overwrite` retrains both, `--resume`
+continues whichever of the two was stopped.
 The training itself is train.py's `train`, passed in by train.py (this module does not import it).
 """
 import dataclasses
@@ -12,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import data
 import runstate
 from toy import report
 from toy.world import RESOLUTION, heldout_prompts, prepare_data
@@ -57,22 +61,30 @@ def use_toy_world(cfg, explicit, master):
         cfg.out = str(ROOT / "runs" / "toy")
     if cfg.validate_every and cfg.validation_prompts is None:
         cfg.validation_prompts = str(Path(cfg.out) / "validation" / "prompts.txt")
-        if master:
-            every = heldout_prompts()  # spread over the held-out triples, alternating sizes
-            Path(cfg.validation_prompts).parent.mkdir(parents=True, exist_ok=True)
-            Path(cfg.validation_prompts).write_text("".join(every[k * len(every) // 4 + k % 2] + "\n"
-                                                            for k in range(4)))
+        every = heldout_prompts()  # spread over the held-out triples, alternating sizes
+        text = "".join(every[k * len(every) // 4 + k % 2] + "\n" for k in range(4))
+        path = Path(cfg.validation_prompts)
+        if master and not (path.is_file() and path.read_text() == text):  # a run there may be reading it
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
 
 
 def control_config(cfg):
     """The lambda-0 control of a toy-world run: the same flags, data, seed and steps, without the
     regularizer, in OUT/control. Fine-tuning alone moves ISTD, so the Smooth-LoRA is judged against it."""
-    return dataclasses.replace(cfg, lambda_reg=0.0, out=str(Path(cfg.out) / "control"), resume=None,
+    return dataclasses.replace(cfg, lambda_reg=0.0, out=str(Path(cfg.out) / "control"),
+                               resume="auto" if cfg.resume else None,  # --resume continues a stopped control
                                validate_every=0)  # the Smooth-LoRA's run shows the validation strips
 
 
+RUN_CONTROL = ("resume", "overwrite")  # flags that say how to start, not what is trained
+
+
 def finished_run(cfg):
-    """True when cfg.out already holds a finished run of exactly this config (reused, not retrained)."""
+    """True when cfg.out already holds a finished run of exactly this config (reused, not retrained); never
+    with --overwrite."""
+    if cfg.overwrite:
+        return False
     state_path = Path(cfg.out) / "state.pt"
     if not state_path.is_file():
         return False
@@ -80,9 +92,17 @@ def finished_run(cfg):
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception:  # unreadable: train it again
         return False
-    same = {k: v for k, v in runstate.saved_settings(state.get("config", {})).items() if k != "resume"} == \
-        {k: v for k, v in dataclasses.asdict(cfg).items() if k != "resume"}
-    return same and state.get("step") == cfg.max_steps
+    same = {k: v for k, v in runstate.saved_settings(state.get("config", {})).items() if k not in RUN_CONTROL} == \
+        {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_CONTROL}
+    return same and state.get("step") == cfg.max_steps and state.get("data") in (None, data_fingerprint(cfg))
+
+
+def data_fingerprint(cfg):
+    """data.fingerprint of cfg's data (what its checkpoint records), None if it cannot be listed."""
+    try:
+        return data.fingerprint(data.list_items(cfg.data, cfg.data_root), data.data_root(cfg.data, cfg.data_root))
+    except (ValueError, OSError):
+        return None
 
 
 def report_toy_world(cfg, control_out, result):
@@ -110,10 +130,17 @@ def run(cfg, explicit, world, train):
     elif control is not None:
         if world.master:
             print(f"training the lambda-0 control first (same flags, --lambda-reg 0) in {control.out}")
-        if train(control, world).exit_code != 0:
+        exit_code = train(control, world).exit_code
+        if exit_code != 0:  # 128 + signal when stopped: --resume continues it
             runstate.teardown_distributed(world)
-            return 1
-    result = train(cfg, world)
+            return exit_code
+    if finished_run(cfg):
+        if world.master:
+            print(f"reusing the finished Smooth-LoRA in {cfg.out} (same flags; --overwrite retrains it); the report "
+                  "again")
+        result = runstate.TrainResult(0, cfg.max_steps, Path(cfg.out))
+    else:
+        result = train(cfg, world)
     runstate.teardown_distributed(world)
     if world.master and result.exit_code == 0 and result.step == cfg.max_steps:
         report_toy_world(cfg, control and control.out, result)
