@@ -14,7 +14,6 @@ import json
 import os
 import pickle
 import resource
-import shutil
 import signal
 import socket
 import time
@@ -66,7 +65,8 @@ def lock_out(out, world):
                 json.dump(dict(pid=os.getpid(), host=socket.gethostname(), started=time.time()), f)
             lock = out / LOCK
         except FileExistsError:
-            error = lock_holder_message(out) if out.is_dir() else f"--out {out} is a file, not a folder."
+            error = lock_holder_message(out) if out.is_dir() else \
+                f"--out {out} is a file, not a folder: name a folder (it is created if needed)."
         except OSError as e:
             error = f"--out {out}: cannot write there ({e.strerror or e})."
     if world.distributed:  # every rank learns rank 0's answer (they agree on everything before this point)
@@ -107,6 +107,7 @@ def lock_holder_message(out):
 
 
 def process_alive(pid):
+    """Whether a process of this PID exists on this machine (signal 0 only checks)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

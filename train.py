@@ -154,9 +154,14 @@ def build_parser(defaults=None):
 
 
 def parse_args(argv):
-    """-> (TrainConfig, the names of the fields given on the command line)."""
+    """-> (TrainConfig, the names of the fields given on the command line); a number out of its range ends
+    here, before torch threads or the toy world use it."""
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = TrainConfig(**vars(build_parser().parse_args(argv)))
+    try:
+        check_numbers(cfg)
+    except ValueError as e:
+        raise SystemExit(f"train.py: error: {e}")
     # A second parse with every default suppressed holds only the flags the user gave.
     given = build_parser(defaults={f.name: argparse.SUPPRESS for f in dataclasses.fields(TrainConfig)})
     return cfg, set(vars(given.parse_args(argv)))
@@ -177,22 +182,28 @@ OPEN_AT_LOW = ("lr", "reg_decay", "reg_batch_frac", "fd_h")  # > 0, not >= 0
 def check_number(name, value):
     """ValueError unless `value` of --name is finite and in NUMBER_RANGES[name]."""
     low, high = NUMBER_RANGES[name]
-    opening = "(" if name in OPEN_AT_LOW else "["
-    allowed = f"in {opening}{low}, {high}]" if high is not None else (
-        f"> {low}" if name in OPEN_AT_LOW else f"at least {low}")
-    inside = (low < value if name in OPEN_AT_LOW else low <= value) and (high is None or value <= high)
-    if not (math.isfinite(value) and inside):
-        raise ValueError(f"--{name.replace('_', '-')} must be {allowed}" +
-                         (" and finite" if isinstance(value, float) else "") + f", got {value}.")
+    above_low = low < value if name in OPEN_AT_LOW else low <= value
+    if math.isfinite(value) and above_low and (high is None or value <= high):
+        return
+    if high is not None:
+        allowed = f"in {'(' if name in OPEN_AT_LOW else '['}{low}, {high}]"
+    else:
+        allowed = f"> {low}" if name in OPEN_AT_LOW else f"at least {low}"
+    finite = " and finite" if isinstance(value, float) else ""
+    raise ValueError(f"--{name.replace('_', '-')} must be {allowed}{finite}, got {value}.")
+
+
+def check_numbers(cfg):
+    for name in NUMBER_RANGES:
+        if getattr(cfg, name) is not None:  # --threads: None is torch's choice
+            check_number(name, getattr(cfg, name))
 
 
 def check_config(cfg, device):
     """Errors in flag values, before any data or model is touched."""
-    for name in NUMBER_RANGES:
-        if getattr(cfg, name) is not None:  # --threads: None is torch's choice
-            check_number(name, getattr(cfg, name))
-    if cfg.out is not None and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
-        raise ValueError(f"--out {cfg.out} is a file, not a folder: name a folder (it is created if needed).")
+    check_numbers(cfg)
+    if cfg.overwrite and cfg.resume:
+        raise ValueError("--overwrite starts afresh and --resume continues: give one of them.")
     if cfg.model is not None and cfg.data is None:
         raise ValueError("--data is required with --model (an image folder or a .jsonl file).")
     if cfg.model is not None and Path(cfg.model).is_file() and cfg.tokenizer is None:

@@ -325,7 +325,7 @@ def test_evaluate_istd_scores_prompt_k_on_the_noise_pair_of_seed_plus_k(tiny_sd)
 
 @pytest.mark.parametrize("argv, message", [
     (["generate", "--steps", "0"], "integer >= 1"),
-    (["generate", "--guidance", "-1"], "must be >= 0"),
+    (["generate", "--guidance", "-1"], r"must be in \[0, 100\]"),
     (["edit", "--image", "x.png", "--target-prompt", "b", "--r", "1.5"], r"\[0, 1\]"),
     (["interpolate", "--frames", "1"], "at least 2 frames"),
 ])
