@@ -169,7 +169,7 @@ def _to_rgb(image):
 def _grey_to_8_bits(image, white):
     """A grey image of values in [0, white] -> mode L (PIL's own conversion clips them at 255 instead)."""
     values = np.asarray(image, dtype=np.float64)
-    return Image.fromarray(np.round(np.clip(values / white, 0, 1) * 255).astype(np.uint8), mode="L")
+    return Image.fromarray(np.round(np.clip(values / white, 0, 1) * 255).astype(np.uint8))  # 2-D uint8: mode L
 
 
 def load_training_image(path, resolution):

@@ -257,8 +257,6 @@ def load_inputs(cfg, world, out):
             if cfg.resume != "auto":
                 raise ValueError(f"--resume {resume} does not exist.")
             resume = None  # auto: nothing to continue, start afresh
-        if resume is None:
-            runstate.check_fresh_start(out, cfg.overwrite)
         state = None if resume is None else runstate.read_state(resume)
         changes = {} if state is None else runstate.resume_changes(cfg, state["config"])
         dataset = data.CaptionDataset(cfg.data, cfg.resolution, root=cfg.data_root)
@@ -268,6 +266,8 @@ def load_inputs(cfg, world, out):
         sd = checkpoint.load_models(cfg.model, tokenizer=cfg.tokenizer, device=world.device,
                                     dtype=frozen_dtype(cfg))
         latent_shape = check_model_limits(cfg, sd)
+        if state is None:
+            runstate.check_fresh_start(out, cfg.overwrite)  # last: a wrong input is named first
     except (ValueError, OSError) as e:
         runstate.unlock_out(lock, remove_folder=new_folder)
         raise SystemExit(f"train.py: error: {e}")

@@ -460,7 +460,7 @@ def test_every_numeric_flag_of_sampler_py_gets_one_clean_error_or_is_legal(tiny_
                 "istd": ["--prompts-file", str(tmp_path / "prompts.txt")]}
     parser = sampler_cli.build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    accepted = set()
+    accepted, accepted_in = set(), set()
     for command, subparser in commands.items():
         for flag, action in numeric_options(subparser).items():
             for name, value in TRIES.items():
@@ -477,6 +477,10 @@ def test_every_numeric_flag_of_sampler_py_gets_one_clean_error_or_is_legal(tiny_
                     assert f"error: argument {flag}" in err or err.startswith(f"sampler.py: error: {flag}"), err
                     continue
                 accepted.add((flag, name))
+                accepted_in.add((command, flag, name))
+    assert ("generate", "--num-images", "huge") not in accepted_in
+    # evaluate's --num-images and --bootstrap take 10^12 (only slower: FID's sample counts have no natural top).
     assert accepted == {("--guidance", "zero"), ("--seed", "zero"), ("--seed", "huge"), ("--eta", "zero"),
                         ("--seeds", "zero"), ("--seeds", "huge"), ("--r", "zero"), ("--inner-steps", "huge"),
-                        ("--batch-size", "huge")}
+                        ("--batch-size", "huge"), ("--num-images", "huge"), ("--bootstrap", "zero"),
+                        ("--bootstrap", "huge"), ("--istd-prompts", "zero")}

@@ -406,9 +406,9 @@ def test_bad_inputs_end_in_one_error_line_and_leave_the_run_untouched(tiny_sd, i
     assert "--rank: saved 2, now 4" in error_of(*common[:-1], 4, "--resume")
     assert "rank, lora_targets, reg_timestep_buckets cannot change" in error_of(*common[:-1], 4, "--resume",
                                                                      "--resume-override", "rank")
-    assert "none of the 2 images can be read" in error_of(*common, "--data", unreadable, "--overwrite")
+    assert "none of the 2 images can be read" in error_of(*common, "--data", unreadable)
     assert "pass --tokenizer FOLDER" in error_of(*common, "--model", single_file)
-    assert "not a multiple of 4" in error_of(*common, "--resolution", 18, "--overwrite")
+    assert "not a multiple of 4" in error_of(*common, "--resolution", 18)
     assert "fp16 needs a CUDA GPU" in error_of(*common, "--mixed-precision", "fp16", "--device", "cpu")
     assert "is not a setting a resume checks" in error_of(*common, "--resume", "--resume-override", "out")
     if not torch.cuda.is_available():
