@@ -251,7 +251,8 @@ def train_run(name, flags, model, data, cache, threads=1):
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # 1 thread is fastest on a busy 2-core machine
     t0 = time.time()
     with open(out / "train_stdout.txt", "w") as log:
-        code = subprocess.call([sys.executable, str(ROOT / "train.py"), *args], stdout=log,
+        # --overwrite: a stale run in `out` (another key) is retrained; not in args, so not in the cache key
+        code = subprocess.call([sys.executable, str(ROOT / "train.py"), *args, "--overwrite"], stdout=log,
                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     wall = time.time() - t0
     if code != 0:
