@@ -1,5 +1,7 @@
 """A training run's state and its processes: what train.py writes to OUT and how it resumes.
 
+- its inputs checked before anything is written: every numeric flag's range (`NUMBER_RANGES`), the flags
+  that go together (`check_config`);
 - the output folder belongs to one run: OUT/train.lock while a run writes there (rank 0 of a torchrun job
   holds it for every rank); a fresh run never replaces another run's files unless `--overwrite` says so;
 - checkpoints: OUT/state.pt (LoRA, optimizer, scaler, the running mean a of Eq. 9, step, data position,
@@ -11,6 +13,7 @@
 """
 import dataclasses
 import json
+import math
 import os
 import pickle
 import resource
@@ -45,6 +48,66 @@ def saved_settings(config):
 
 def overridden(cfg):
     return [name for name in (cfg.resume_override or "").split(",") if name]
+
+
+# -------------------------------------------------------- checking a run's inputs
+
+# Every numeric flag's range, (lowest, highest or None), ends included but for OPEN_AT_LOW; floats must be
+# finite. The upper ends that are not None are far beyond any use (a typo, not a plan): SD-1.5 trains at 512 px,
+# batch 3, rank 8; torch seeds are 64-bit. The model's own limits are in check_model_limits.
+NUMBER_RANGES = dict(
+    resolution=(1, 8192), batch_size=(1, 65536), grad_accum=(1, None), max_steps=(1, None), lr=(0, None),
+    weight_decay=(0, None), rank=(1, 4096), lambda_reg=(0, None), reg_every=(1, None), reg_decay=(0, 1),
+    reg_timestep_buckets=(1, None), reg_batch_frac=(0, 1), fd_h=(0, None), save_every=(1, None),
+    snapshot_every=(0, None), keep_snapshots=(0, None), validate_every=(0, None), validation_steps=(1, None),
+    seed=(0, 2**64 - 1), num_workers=(0, 1024), threads=(1, 1024))
+OPEN_AT_LOW = ("lr", "reg_decay", "reg_batch_frac", "fd_h")  # > 0, not >= 0
+
+
+def check_number(name, value):
+    """ValueError unless `value` of --name is finite and in NUMBER_RANGES[name]."""
+    low, high = NUMBER_RANGES[name]
+    above_low = low < value if name in OPEN_AT_LOW else low <= value
+    if math.isfinite(value) and above_low and (high is None or value <= high):
+        return
+    if high is not None:
+        allowed = f"in {'(' if name in OPEN_AT_LOW else '['}{low}, {high}]"
+    else:
+        allowed = f"> {low}" if name in OPEN_AT_LOW else f"at least {low}"
+    finite = " and finite" if isinstance(value, float) else ""
+    raise ValueError(f"--{name.replace('_', '-')} must be {allowed}{finite}, got {value}.")
+
+
+def check_numbers(cfg):
+    for name in NUMBER_RANGES:
+        if getattr(cfg, name) is not None:  # --threads: None is torch's choice
+            check_number(name, getattr(cfg, name))
+
+
+def check_config(cfg, device):
+    """Errors in flag values, before any data or model is touched."""
+    check_numbers(cfg)
+    if cfg.overwrite and cfg.resume:
+        raise ValueError("--overwrite starts afresh and --resume continues: give one of them.")
+    if cfg.model is not None and cfg.data is None:
+        raise ValueError("--data is required with --model (an image folder or a .jsonl file).")
+    if cfg.model is not None and Path(cfg.model).is_file() and cfg.tokenizer is None:
+        raise ValueError(f"--model {cfg.model} is a single-file checkpoint, and those carry no tokenizer: "
+                         "pass --tokenizer FOLDER, a folder with vocab.json and merges.txt (e.g. SD-1.5's "
+                         "tokenizer/).")
+    if cfg.validate_every and cfg.validation_prompts is None:
+        raise ValueError("--validate-every needs --validation-prompts FILE (one prompt per line).")
+    if cfg.validation_prompts is not None and not Path(cfg.validation_prompts).is_file():
+        raise ValueError(f"--validation-prompts {cfg.validation_prompts} is not a file.")
+    if cfg.validation_prompts is not None:
+        validation_prompts(cfg.validation_prompts)  # at least one prompt
+    unknown = set(overridden(cfg)) - set(OPTIMIZATION_SETTINGS)
+    if unknown:
+        raise ValueError(f"--resume-override {cfg.resume_override}: {', '.join(sorted(unknown))} is not a "
+                         f"setting a resume checks; those are {', '.join(OPTIMIZATION_SETTINGS)}.")
+    if cfg.mixed_precision == "fp16" and device.type != "cuda":
+        raise ValueError("--mixed-precision fp16 needs a CUDA GPU (CPU autocast has no fp16); use "
+                         "--mixed-precision bf16 or no.")
 
 
 # ---------------------------------------------------- the output folder's owner

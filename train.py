@@ -159,70 +159,12 @@ def parse_args(argv):
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = TrainConfig(**vars(build_parser().parse_args(argv)))
     try:
-        check_numbers(cfg)
+        runstate.check_numbers(cfg)
     except ValueError as e:
         raise SystemExit(f"train.py: error: {e}")
     # A second parse with every default suppressed holds only the flags the user gave.
     given = build_parser(defaults={f.name: argparse.SUPPRESS for f in dataclasses.fields(TrainConfig)})
     return cfg, set(vars(given.parse_args(argv)))
-
-
-# Every numeric flag's range, (lowest, highest or None), ends included but for OPEN_AT_LOW; floats must be
-# finite. The upper ends that are not None are far beyond any use (a typo, not a plan): SD-1.5 trains at 512 px,
-# batch 3, rank 8; torch seeds are 64-bit. The model's own limits are in check_model_limits.
-NUMBER_RANGES = dict(
-    resolution=(1, 8192), batch_size=(1, 65536), grad_accum=(1, None), max_steps=(1, None), lr=(0, None),
-    weight_decay=(0, None), rank=(1, 4096), lambda_reg=(0, None), reg_every=(1, None), reg_decay=(0, 1),
-    reg_timestep_buckets=(1, None), reg_batch_frac=(0, 1), fd_h=(0, None), save_every=(1, None),
-    snapshot_every=(0, None), keep_snapshots=(0, None), validate_every=(0, None), validation_steps=(1, None),
-    seed=(0, 2**64 - 1), num_workers=(0, 1024), threads=(1, 1024))
-OPEN_AT_LOW = ("lr", "reg_decay", "reg_batch_frac", "fd_h")  # > 0, not >= 0
-
-
-def check_number(name, value):
-    """ValueError unless `value` of --name is finite and in NUMBER_RANGES[name]."""
-    low, high = NUMBER_RANGES[name]
-    above_low = low < value if name in OPEN_AT_LOW else low <= value
-    if math.isfinite(value) and above_low and (high is None or value <= high):
-        return
-    if high is not None:
-        allowed = f"in {'(' if name in OPEN_AT_LOW else '['}{low}, {high}]"
-    else:
-        allowed = f"> {low}" if name in OPEN_AT_LOW else f"at least {low}"
-    finite = " and finite" if isinstance(value, float) else ""
-    raise ValueError(f"--{name.replace('_', '-')} must be {allowed}{finite}, got {value}.")
-
-
-def check_numbers(cfg):
-    for name in NUMBER_RANGES:
-        if getattr(cfg, name) is not None:  # --threads: None is torch's choice
-            check_number(name, getattr(cfg, name))
-
-
-def check_config(cfg, device):
-    """Errors in flag values, before any data or model is touched."""
-    check_numbers(cfg)
-    if cfg.overwrite and cfg.resume:
-        raise ValueError("--overwrite starts afresh and --resume continues: give one of them.")
-    if cfg.model is not None and cfg.data is None:
-        raise ValueError("--data is required with --model (an image folder or a .jsonl file).")
-    if cfg.model is not None and Path(cfg.model).is_file() and cfg.tokenizer is None:
-        raise ValueError(f"--model {cfg.model} is a single-file checkpoint, and those carry no tokenizer: "
-                         "pass --tokenizer FOLDER, a folder with vocab.json and merges.txt (e.g. SD-1.5's "
-                         "tokenizer/).")
-    if cfg.validate_every and cfg.validation_prompts is None:
-        raise ValueError("--validate-every needs --validation-prompts FILE (one prompt per line).")
-    if cfg.validation_prompts is not None and not Path(cfg.validation_prompts).is_file():
-        raise ValueError(f"--validation-prompts {cfg.validation_prompts} is not a file.")
-    if cfg.validation_prompts is not None:
-        runstate.validation_prompts(cfg.validation_prompts)  # at least one prompt
-    unknown = set(runstate.overridden(cfg)) - set(runstate.OPTIMIZATION_SETTINGS)
-    if unknown:
-        raise ValueError(f"--resume-override {cfg.resume_override}: {', '.join(sorted(unknown))} is not a "
-                         f"setting a resume checks; those are {', '.join(runstate.OPTIMIZATION_SETTINGS)}.")
-    if cfg.mixed_precision == "fp16" and device.type != "cuda":
-        raise ValueError("--mixed-precision fp16 needs a CUDA GPU (CPU autocast has no fp16); use "
-                         "--mixed-precision bf16 or no.")
 
 
 def check_model_limits(cfg, sd):
@@ -250,7 +192,7 @@ def load_inputs(cfg, world, out):
     (dataset, its fingerprint, sd, the state to resume from or None, latent shape, the lock)."""
     lock, new_folder = None, not out.exists()
     try:
-        check_config(cfg, world.device)
+        runstate.check_config(cfg, world.device)
         lock = runstate.lock_out(out, world)  # from here on, no other run writes to OUT
         resume = out / "state.pt" if cfg.resume == "auto" else cfg.resume and Path(cfg.resume)
         if resume is not None and not resume.exists():

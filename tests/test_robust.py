@@ -421,7 +421,7 @@ def test_every_numeric_flag_of_train_py_gets_one_clean_error_or_is_legal(tiny_sd
     base = ["--model", str(tiny_sd[0]), "--data", str(images), "--out", str(tmp_path / "out"), "--resolution", "16",
             "--validation-prompts", str(prompts)]
     flags = numeric_options(train.build_parser())
-    assert {f[2:].replace("-", "_") for f in flags} == set(train.NUMBER_RANGES)  # a new flag needs its range
+    assert {f[2:].replace("-", "_") for f in flags} == set(runstate.NUMBER_RANGES)  # a new flag needs its range
     accepted = set()
     for flag in flags:
         for name, value in TRIES.items():
@@ -433,7 +433,7 @@ def test_every_numeric_flag_of_train_py_gets_one_clean_error_or_is_legal(tiny_sd
                         str(e.code).startswith(f"train.py: error: {flag} must be ") and "\n" not in str(e.code)), err
                 continue
             try:
-                train.check_config(cfg, torch.device("cpu"))
+                runstate.check_config(cfg, torch.device("cpu"))
                 train.check_model_limits(cfg, sd)
             except ValueError as e:
                 assert str(e).startswith(flag) and "\n" not in str(e), e
