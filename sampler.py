@@ -143,19 +143,23 @@ def _check_per_step(name, value, steps):
 
 @torch.no_grad()
 def ddim_sample(unet, latents, cond, uncond=None, *, steps=50, guidance=7.5, eta=0.0, schedule=None,
-                generator=None, progress=True):
+                generator=None, progress=True, start=0):
     """Run the backward process (Eq. 3) from x_T = latents with classifier-free guidance (Eq. 5).
 
     cond / uncond: [1 or B, 77, D] embeddings, or lists with one per step (null-text inversion's
     null embeddings; Eq. 15's prompt switch). generator: draws the eta > 0 noise (as diffusers does).
-    Returns x_0, the scaled latents for `decode_latents`.
+    start: skip the first `start` steps, latents being at that level (entry steps - start of
+    `ddim_inversion_trajectory`: a partial inversion, as drag.py's). Returns x_0, the scaled latents
+    for `decode_latents`.
     """
     schedule = schedule or make_schedule()
     _check_per_step("cond", cond, steps)
     _check_per_step("uncond", uncond, steps)
     stride = schedule.num_train_timesteps // steps
     x = latents
-    for i, t in enumerate(tqdm(ddim_timesteps(steps, schedule).tolist(), desc="DDIM", disable=not progress)):
+    timesteps = ddim_timesteps(steps, schedule).tolist()
+    for i in tqdm(range(start, steps), desc="DDIM", disable=not progress):
+        t = timesteps[i]
         eps = guided_eps(unet, x, t, _at(cond, i), _at(uncond, i), guidance=guidance)
         noise = None
         if eta > 0:
