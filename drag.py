@@ -10,10 +10,10 @@ Sec. 3 of its paper, with the defaults of its code (Yujun-Shi/DragDiffusion):
      batch (`train_identity_lora`; the loss is train.py's `smooth_diffusion_loss` without regularizer);
   2. DDIM inversion (guidance 1, 50 steps) to step 35 of 50 (inversion strength 0.7): z_t;
   3. motion supervision (Sec. 3.3, Eq. 3 of DragDiffusion): the UNet decoder's features F(z_t),
-     bilinearly upsampled to half the image size; for each handle not yet within 2 units of its
-     target, L1 between the stop-gradient patch around h_i (radius 1) and the patch at h_i + d_i,
-     d_i the unit vector towards t_i (`motion_supervision_loss`); plus lambda = 0.1 times the L1 of
-     one DDIM step's prediction z_{t-1} outside the mask against the unedited one's;
+     bilinearly upsampled 4x (on SD-1.5: to half the image size); for each handle not yet within 2
+     cells of its target, L1 between the stop-gradient patch around h_i (radius 1) and the patch at
+     h_i + d_i, d_i the unit vector towards t_i (`motion_supervision_loss`); plus lambda = 0.1 times
+     the L1 of one DDIM step's prediction z_{t-1} outside the mask against the unedited one's;
   4. point tracking (Sec. 3.3, Eq. 4): each handle moves to the nearest neighbour, in a 7 x 7 window
      (radius 3) around it, of its ORIGINAL feature F_{h_i^0}(z_t) (`track_points`);
   5. 3 and 4 alternate, Adam on z_t (lr 0.01), at most 80 iterations, stopping once every handle is
@@ -21,7 +21,7 @@ Sec. 3 of its paper, with the defaults of its code (Yujun-Shi/DragDiffusion):
   6. denoising the remaining 35 steps (guidance 1) with the inverted z_t as a reference branch: in
      the decoder's last two up blocks, the self-attention of the edited branch takes its keys and
      values from the reference branch (mutual self-attention, Sec. 3.4; `mutual_self_attention`).
-Units: points are (x, y) pixels in the API; 3-5 work in feature-map cells (half a pixel grid).
+Units: points are (x, y) pixels in the API; 3-5 work in cells of the upsampled feature map.
 
 Where the published code differs from its paper we follow the code, whose defaults are the published
 ones: the motion loss is (2r + 1)^2 times the MEAN absolute difference (the paper's Eq. 3 sums over
@@ -33,9 +33,13 @@ their VAE posterior sample, timestep and noise, as there.
 Scaling to other models. The supervised features are the output of the decoder's second-to-last up
 block (`DragConfig.feature_block = -2`): on SD-1.5 that is `up_blocks[2]` (640 channels at 64 x 64,
 the latent size: the code's `unet_feature_idx = 3`), on the toy model `up_blocks[1]` (64 channels at
-8 x 8, also the latent size). Upsampled to half the image: 256 x 256 on SD-1.5, 16 x 16 on the toy
-model's 32 px images. Mutual self-attention acts in the last two up blocks (`mutual_blocks = 2`):
-SD-1.5's 6 last transformer blocks of 16 (the code's layers 10-15), all 4 of the toy model's decoder.
+8 x 8, also the latent size). The code resizes them to half the image, 256 x 256: 4x the latent grid.
+We keep the 4x (`feature_upsample`), so the radii and the 2-cell stopping distance, counted in cells,
+are the same fraction of a latent cell on both models: on the toy model (VAE factor 4, not 8) the
+features are 32 x 32 and a cell is a pixel. Half the toy image (16 x 16) would make the stopping
+distance 4 px of 32, 1/8 of the image. Mutual self-attention acts in the last two up blocks
+(`mutual_blocks = 2`): SD-1.5's last 6 transformer blocks of 16 (the code's layers 10-15), all 4 of
+the toy model's decoder.
 
 Smooth-LoRA. The paper says only that Smooth Diffusion was integrated into DragDiffusion. We merge
 the Smooth-LoRA into the base weights (`bake_lora`) and train the identity LoRA on top of that model,
@@ -72,7 +76,7 @@ class DragConfig:
     steps: int = 50  # DDIM steps of the inversion and of the denoising
     inversion_strength: float = 0.7  # invert round(0.7 * 50) = 35 steps: the drag acts at step 35 of 50
     feature_block: int = -2  # up block whose output is supervised (SD-1.5: up_blocks[2]; toy: up_blocks[1])
-    feature_scale: float = 0.5  # features bilinearly resized to this fraction of the image size
+    feature_upsample: int = 4  # features bilinearly resized to 4x the latent grid (SD-1.5: half the image)
     motion_radius: int = 1  # r_1: patch radius of motion supervision, in feature cells
     track_radius: int = 3  # r_2: search radius of point tracking (a 7 x 7 window)
     lam: float = 0.1  # lambda: weight of the mask term
@@ -298,7 +302,7 @@ def drag(unet, vae, image01, cond, handles, targets, mask01=None, *, cfg=None, s
     abar_prev = schedule.alphas_cumprod[t_prev] if t_prev >= 0 else schedule.final_alpha_cumprod
 
     H, W = image01.shape[-2:]
-    feature_size = (round(H * cfg.feature_scale), round(W * cfg.feature_scale))
+    feature_size = (z_t.shape[-2] * cfg.feature_upsample, z_t.shape[-1] * cfg.feature_upsample)
     to_cells = torch.tensor([feature_size[1] / W, feature_size[0] / H])
     handle_cells = (torch.tensor(handles, dtype=torch.float32) * to_cells).round().to(device)
     target_cells = (torch.tensor(targets, dtype=torch.float32) * to_cells).round().to(device)

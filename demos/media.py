@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import data
 
@@ -70,6 +70,37 @@ def save_comparison_animation(rows, path, *, scale=1, fps=10.0):
     images = torch.stack([torch.from_numpy(np.asarray(sheet, dtype=np.float32) / 255).permute(2, 0, 1)
                           for sheet in sheets])
     return save_animation(images, path, fps=fps)
+
+
+def draw_drags(image, handles, targets, *, scale=1):
+    """One image [3, H, W] in [0, 1] as a PIL image enlarged `scale` times (nearest neighbour), with an
+    arrow from each handle (red dot) to its target (blue dot); points are (x, y) pixels."""
+    picture = to_pil(image[None])[0]
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    pen = ImageDraw.Draw(picture)
+    dot = max(2, scale)
+    for (hx, hy), (tx, ty) in zip(handles, targets):
+        (hx, hy), (tx, ty) = ((scale * (x + 0.5), scale * (y + 0.5)) for x, y in ((hx, hy), (tx, ty)))
+        pen.line([(hx, hy), (tx, ty)], fill=(255, 255, 255), width=max(1, scale // 2))
+        length = max(((tx - hx) ** 2 + (ty - hy) ** 2) ** 0.5, 1e-6)
+        ux, uy = (tx - hx) / length, (ty - hy) / length  # arrowhead: two strokes back from the target
+        for side in (1, -1):
+            pen.line([(tx, ty), (tx - 2 * dot * (ux - side * 0.6 * uy), ty - 2 * dot * (uy + side * 0.6 * ux))],
+                     fill=(255, 255, 255), width=max(1, scale // 2))
+        pen.ellipse([hx - dot, hy - dot, hx + dot, hy + dot], fill=(230, 30, 30))
+        pen.ellipse([tx - dot, ty - dot, tx + dot, ty + dot], fill=(30, 80, 230))
+    return picture
+
+
+def side_by_side(pictures, path):
+    """Save PIL images of one height left to right, 4 px of white between them, as one PNG."""
+    sheet = Image.new("RGB", (sum(p.width for p in pictures) + 4 * (len(pictures) - 1), pictures[0].height), "white")
+    x = 0
+    for picture in pictures:
+        sheet.paste(picture, (x, 0))
+        x += picture.width + 4
+    sheet.save(path)
+    return path
 
 
 def save_frames(images, folder):
