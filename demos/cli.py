@@ -3,7 +3,7 @@
 
 Commands: generate (images from seeds), interpolate (a noise walk through keyframes, or two real
 images, Fig. 3), invert (reconstruction metrics, Table 2), edit (Eq. 15), istd (Sec. 4.1), evaluate
-(Table 1: ISTD, FID, KID, CLIP score; demos/evaluate.py). With no
+(Table 1: ISTD, FID, KID, CLIP score; demos/evaluate.py), drag (DragDiffusion, drag.py; Sec. 4.4). With no
 arguments: the toy interpolation demo (`interpolate` with every default, with the Smooth-LoRA of
 `make run` when it exists). `--model` takes a local diffusers folder, a single-file checkpoint, or
 a Hugging Face repo id (`checkpoint.resolve_model`). `python sampler.py COMMAND --help` lists every
@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 
 import checkpoint
 import data
+import drag
 import lora
 import metrics
 from sampler import (Schedule, ddim_invert, ddim_sample, decode_latents, edit, encode_images, evaluate_istd,
@@ -181,17 +182,46 @@ def build_parser():
         "and compare (default: off)")
     add("--bootstrap", type=_number(int, 0), default=100, help="paired bootstrap replicates for FID/KID differences "
         "(default: %(default)s)")
+    p = sub.add_parser("drag", parents=[common, size, sampling],
+                       help="drag editing (DragDiffusion, drag.py): move the content at each handle point to its "
+                            "target; writes the edit, source | edit with the drags drawn, and the final handles")
+    p.add_argument("--image", required=True, help="the image to edit (--prompt is its caption)")
+    p.add_argument("--points", type=_drag_points, nargs="+", required=True, metavar="HX,HY:TX,TY",
+                   help="a handle and its target in pixels of the image as the model sees it (--width x --height; "
+                        "another size is center-cropped and resized to it); several pairs drag together")
+    p.add_argument("--mask", default=None, help="image of the same size as --image, white where the image may "
+                   "change (DragDiffusion's mask term outside it); default: no mask")
+    defaults = drag.DragConfig()
+    p.add_argument("--lora-steps", type=_number(int, 0), default=defaults.lora_steps,
+                   help="identity LoRA steps on the image (paper: %(default)s)")
+    p.add_argument("--inversion-strength", type=_number(float, 0.01, 1), default=defaults.inversion_strength,
+                   help="invert this fraction of the steps; the drag acts there (paper: %(default)s)")
+    p.add_argument("--lam", type=_number(float, 0), default=defaults.lam,
+                   help="weight of the mask term (paper: %(default)s)")
+    p.set_defaults(guidance=1.0)
     return parser
+
+
+def _drag_points(text):
+    """An argparse type: "HX,HY:TX,TY" -> ((hx, hy), (tx, ty)) in pixels."""
+    try:
+        handle, target = ([float(v) for v in point.split(",")] for point in text.split(":"))
+        if len(handle) != 2 or len(target) != 2:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a drag is HX,HY:TX,TY (handle and target in pixels, e.g. "
+                                         f"12,16:20,16), got {text!r}") from None
+    return tuple(handle), tuple(target)
 
 
 # ------------------------------------------------------------------------------ checks and loading
 
 def _check_inputs(args):
     """Refuse missing or unreadable files and contradictory options before any model is loaded."""
-    for name in ("image", "image_a", "image_b", "prompts_file", "lora"):
+    for name in ("image", "image_a", "image_b", "prompts_file", "lora", "mask"):
         if getattr(args, name, None) and not Path(getattr(args, name)).is_file():
             fail(f"--{name.replace('_', '-')} not found: {getattr(args, name)}")
-    for name in ("image", "image_a", "image_b"):
+    for name in ("image", "image_a", "image_b", "mask"):
         if getattr(args, name, None):
             try:
                 data.read_image(getattr(args, name))
@@ -222,6 +252,8 @@ def _check_inputs(args):
             evaluate.prepare(args)
         except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
             fail(error)
+    if args.command == "drag":
+        _check_drag(args)
 
 
 def _check_interpolate(args):
@@ -240,6 +272,23 @@ def _check_interpolate(args):
         fail(f"--prompts gives {len(args.prompts)} prompts for {keyframes} keyframes: pass one per keyframe")
     if args.prompts and args.prompt_b:
         fail("--prompt-b is the last keyframe's prompt; with --prompts, put it last there instead")
+
+
+def _check_points(points, width, height):
+    for (hx, hy), (tx, ty) in points:
+        if not all(0 <= x <= width - 1 and 0 <= y <= height - 1 for x, y in ((hx, hy), (tx, ty))):
+            fail(f"--points {hx:g},{hy:g}:{tx:g},{ty:g} leaves the {width}x{height} image: x must be in "
+                 f"[0, {width - 1}] and y in [0, {height - 1}]")
+
+
+def _check_drag(args):
+    if args.guidance != 1:
+        fail("drag inverts and denoises with guidance 1 (DragDiffusion's); drop --guidance")
+    if args.mask:
+        image_size, mask_size = data.read_image(args.image).size, data.read_image(args.mask).size
+        if image_size != mask_size:
+            fail(f"--mask is {mask_size[0]}x{mask_size[1]} but --image is {image_size[0]}x{image_size[1]}; "
+                 "paint the mask on the image itself")
 
 
 @dataclass
@@ -302,6 +351,8 @@ def _load(args):
     models = _load_models(args)
     schedule = _schedule(args, models)
     width, height, latent_shape = _geometry(args, models)
+    if args.command == "drag":
+        _check_points(args.points, width, height)
     out = Path(args.out or Path("out") / args.command)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -454,8 +505,31 @@ def run_evaluate(args, s):
         fail(error)
 
 
+def run_drag(args, s):
+    image = media.load_image01(args.image, s.width, s.height).to(args.device)
+    mask = None
+    if args.mask:
+        mask = (media.load_image01(args.mask, s.width, s.height).mean(1, keepdim=True) > 0.5).float().to(args.device)
+    handles, targets = [list(p) for p in zip(*args.points)]
+    cfg = drag.DragConfig(lora_steps=args.lora_steps, steps=args.steps, inversion_strength=args.inversion_strength,
+                          lam=args.lam)
+    result = drag.drag(s.models.unet, s.models.vae, image, s.cond, handles, targets, mask, cfg=cfg,
+                       schedule=s.schedule, seed=args.seed)
+    scale = max(1, 256 // max(s.width, s.height))  # small images are enlarged to show the arrows
+    pictures = [media.draw_drags(image[0], handles, targets, scale=scale),
+                media.draw_drags(result.image[0], result.handles, targets, scale=scale)]
+    written = [media.save_strip(result.image, s.out / "drag.png"),
+               media.side_by_side(pictures, s.out / "drag_side_by_side.png")]
+    report = {"handles": handles, "targets": targets, "final_handles": result.handles,
+              "latent_steps": result.iterations, "mask": args.mask, "lora_steps": args.lora_steps,
+              "inversion_strength": args.inversion_strength, "lam": args.lam,
+              "final_handles_note": "point tracking's last estimate (pixels), as DragDiffusion reports it"}
+    return written, report
+
+
 COMMANDS = {"generate": run_generate, "interpolate": run_interpolate, "invert": run_invert, "edit": run_edit,
-            "istd": run_istd, "evaluate": run_evaluate}
+            "istd": run_istd, "evaluate": run_evaluate,
+            "drag": run_drag}
 
 
 def main(argv=None):

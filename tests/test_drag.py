@@ -1,8 +1,12 @@
 """drag.py: motion supervision, point tracking, mutual self-attention and a null drag, on tiny models."""
+import json
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import checkpoint
 import drag
@@ -131,3 +135,64 @@ def test_a_drag_trains_its_lora_on_a_copy_and_moves_the_latent(tiny_models):
     assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
     with pytest.raises(ValueError, match="one target per handle"):
         drag.drag(unet, vae, image, cond, [(8, 16)], [], cfg=cfg, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+@pytest.fixture(scope="module")
+def toy_files(tmp_path_factory):
+    """A 32 px toy image, a mask of its size, one of another size, and a file that is no image."""
+    from toy import world
+
+    folder = tmp_path_factory.mktemp("drag-cli")
+    images, _ = world.make_images(1, seed=7001, split="heldout")
+    Image.fromarray(images[0]).save(folder / "image.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[4:28, 4:28] = 255
+    Image.fromarray(mask).save(folder / "mask.png")
+    Image.fromarray(mask[:16, :16]).save(folder / "mask16.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    return folder
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--image", "{f}/broken.png", "--points", "1,1:2,2"], r"--image: cannot read the image"),
+    (["--image", "{f}/image.png", "--points", "1,1:40,2"], r"--points 1,1:40,2 leaves the 32x32 image"),
+    (["--image", "{f}/image.png", "--points", "5,1:4,-2"], r"--points 5,1:4,-2 leaves the 32x32 image"),
+    (["--image", "{f}/image.png", "--points", "1,1:4,2", "--mask", "{f}/mask16.png"],
+     r"--mask is 16x16 but --image is 32x32"),
+    (["--image", "{f}/image.png", "--points", "1,1:4,2", "--mask", "{f}/nope.png"], r"--mask not found"),
+    (["--image", "{f}/image.png", "--points", "1,1:4,2", "--guidance", "7.5"], r"guidance 1"),
+])
+def test_cli_drag_refuses_bad_input_in_one_line_and_writes_nothing(toy_files, tmp_path, extra, message):
+    import demos.cli
+
+    out = tmp_path / "out"
+    argv = ["drag", "--out", str(out), *[a.format(f=toy_files) for a in extra]]
+    with pytest.raises(SystemExit) as exit_:
+        demos.cli.main(argv)
+    text = str(exit_.value.code)
+    assert text.startswith("sampler.py: error: ") and "\n" not in text and re.search(message, text)
+    assert not out.exists()
+
+
+def test_cli_drag_points_must_be_pairs(capsys):
+    import demos.cli
+
+    with pytest.raises(SystemExit) as exit_:
+        demos.cli.main(["drag", "--image", "x.png", "--points", "1,1:2"])
+    assert exit_.value.code == 2 and "a drag is HX,HY:TX,TY" in capsys.readouterr().err
+
+
+def test_cli_drag_on_the_toy_model_writes_the_edit_the_arrows_and_the_final_handles(toy_files, tmp_path):
+    import demos.cli
+
+    out = tmp_path / "out"
+    assert demos.cli.main(["drag", "--image", str(toy_files / "image.png"), "--prompt", "a triangle",
+                           "--points", "16,16:20,16", "10,10:10,10", "--mask", str(toy_files / "mask.png"),
+                           "--lora-steps", "2", "--steps", "10", "--out", str(out)]) == 0
+    assert Image.open(out / "drag.png").size == (32, 32)
+    assert Image.open(out / "drag_side_by_side.png").size == (2 * 256 + 4, 256)  # enlarged 8x to show arrows
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["targets"] == [[20.0, 16.0], [10.0, 10.0]] and len(report["final_handles"]) == 2
+    assert all(0 <= v <= 31 for point in report["final_handles"] for v in point)

@@ -12,4 +12,5 @@ instruments.py the attribute classifier (the CLIP-score proxy) and the Frechet d
 report.py      the paired before/after report of `python train.py`, and `evaluate`
 main_job.py    what `python train.py` does with no --model: its flags and the two regularizer forms
 tables.py      the tables (two noise sets x two step counts, seeds, lambda curves, Table 2)
+drag_bench.py  drag editing (drag.py) scored on drags with a known answer: `python -m toy.drag_bench`
 """
