@@ -10,6 +10,7 @@ from PIL import Image
 
 import checkpoint
 import drag
+import lora
 import sampler
 from conftest import TINY_UNET, TINY_UNET_3LEVEL, TINY_VAE, perturb_
 
@@ -96,6 +97,18 @@ def test_features_are_the_chosen_up_blocks_output_resized():
     eps, features = drag.eps_and_features(unet, z, torch.tensor([10]), cond, block=-2, size=(32, 32))
     torch.testing.assert_close(eps, unet(z, torch.tensor([10]), cond))
     assert features.shape == (1, unet.config.block_out_channels[1], 32, 32)  # up_blocks[-2] is the middle level
+
+
+def test_bake_lora_folds_a_smooth_lora_into_plain_weights_of_a_copy():
+    unet = tiny_unet()
+    lora.inject_lora(unet, rank=4)
+    for layer in lora.lora_layers(unet).values():
+        torch.nn.init.normal_(layer.lora_up.weight, std=0.05)
+    z, cond, t = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 24), torch.tensor([300])
+    baked = drag.bake_lora(unet)
+    assert not lora.lora_layers(baked) and lora.lora_layers(unet)  # the original keeps its LoRA, unmerged
+    assert not any(layer.merged for layer in lora.lora_layers(unet).values())
+    torch.testing.assert_close(baked(z, t, cond), unet(z, t, cond), rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
