@@ -10,7 +10,7 @@ from bench import speed
 from conftest import ROOT
 from demos import cli
 from toy import __main__ as toy_main
-from toy import tables
+from toy import drag_bench, tables
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
@@ -54,6 +54,8 @@ def parse(program, argv):
         return tables.parse_args(argv[1:]) if argv[:1] == ["tables"] else toy_main.build_parser().parse_args(argv)
     if program == "bench":
         return speed.build_parser().parse_args(argv)
+    if program == "toy.drag_bench":
+        return drag_bench.build_parser().parse_args(argv)
     raise AssertionError(f"a command of an unknown program: {program} {' '.join(argv)}")
 
 

@@ -302,7 +302,7 @@ def figure(drags, images, names, path, count=6, scale=4):
     atomic_write(path, lambda p: sheet.save(p, format="PNG"))
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(prog="python -m toy.drag_bench", description=__doc__.split("\n")[0])
     p.add_argument("--drags", type=int, default=64, help="drags, >= 2 (default: %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the drag's randomness "
@@ -313,6 +313,11 @@ def main(argv=None):
     p.add_argument("--out", default="runs/drag_bench", help="output folder (default: %(default)s)")
     p.add_argument("--figure-models", nargs="+", default=["base", "smooth"], help="columns of the figure "
                    "(default: base smooth)")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.drags < 2:
         p.error("--drags must be at least 2 (standard errors)")
