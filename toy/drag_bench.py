@@ -278,7 +278,11 @@ def table(runs, drags, names, seeds, seconds):
         lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
     per_seed = [f"{name} seed {s}: MD {np.mean([r['md'] for r in runs[(name, s)]]):.2f}"
                 for name in names for s in seeds]
-    lines += ["", "Per seed: " + "; ".join(per_seed) + ".", "", f"Run time: {seconds / 60:.1f} min."]
+    drag_seconds = [r["seconds"] for records in runs.values() for r in records]
+    lines += ["", "Per seed: " + "; ".join(per_seed) + ".", "",
+              f"Compute: {len(drag_seconds)} drags, {sum(drag_seconds) / 60:.1f} min in all "
+              f"({np.mean(drag_seconds):.1f} s per drag, 1 thread, as each run measured it); this call took "
+              f"{seconds / 60:.1f} min (runs already in OUT/runs are read, not rerun)."]
     return "\n".join(lines) + "\n"
 
 
