@@ -20,10 +20,12 @@ Scores, paired per drag (every model gets the same drags, images and seeds):
     (and size, for moves) off the edited image; the fraction that match the source;
   * fidelity outside the mask: mean absolute pixel difference to the source there, 0-255 levels.
 Standard errors are over drags, each drag's score averaged over the seeds of the drag's randomness
-(the identity LoRA's batches). The LoRAs are those of train.py's toy-world run:
+(the identity LoRA's batches). The row `roundtrip` runs the base model with every target on its handle:
+the pipeline's own loss (inversion, identity LoRA, denoising), the floor of the outside-mask error.
+The LoRAs are those of train.py's toy-world run:
 
     OMP_NUM_THREADS=1 python train.py --threads 1 --out runs/drag_loras   # control in runs/drag_loras/control
-    OMP_NUM_THREADS=1 python -m toy.drag_bench                            # 64 drags x 2 seeds x 3 models
+    OMP_NUM_THREADS=1 python -m toy.drag_bench                            # 64 drags x 2 seeds x 4 rows
     OMP_NUM_THREADS=1 python -m toy.drag_bench --drags 6 --seeds 0        # a quick look
 
 Each (model, seed) is written to OUT/runs/ when done and reused by a rerun with the same drags; the
@@ -53,7 +55,7 @@ EDGE = (5.0, 7.0)  # drag length of an edge (grow / shrink), px
 MASK_MARGIN = 3.0  # the editable disc reaches this far beyond the shape, px
 MIN_R, MAX_R = 4.5, 12.0  # radii a grown / shrunk shape may have (the world draws 5.5-11)
 KINDS = ("move", "grow", "shrink")
-MODELS = ("base", "control", "smooth")
+MODELS = ("base", "control", "smooth", "roundtrip")  # roundtrip: the base model, every target on its handle
 
 
 @dataclass
@@ -186,7 +188,7 @@ def score(edited01, d, classifier):
 
 def model_unet(models, name, loras):
     """The UNet of a row: the base, or the base with the control's or the Smooth-LoRA (drag.py bakes it in)."""
-    if name == "base":
+    if name in ("base", "roundtrip"):
         return models.unet
     path = Path(loras) / ("control" if name == "control" else "") / "smooth_lora.safetensors"
     if not path.is_file():
@@ -197,15 +199,16 @@ def model_unet(models, name, loras):
     return unet
 
 
-def run_drags(models, unet, drags, seed):
-    """Every drag with one model and one seed -> (per-drag records, edited images uint8 [N, H, W, 3])."""
+def run_drags(models, unet, drags, seed, move=True):
+    """Every drag with one model and one seed -> (per-drag records, edited images uint8 [N, H, W, 3]).
+    move=False: every target is its handle (the pipeline's round trip, the reference for fidelity)."""
     records, images = [], []
     for k, d in enumerate(drags):
         start = time.time()
         image = to01(world.draw(d.source))[None]
         mask = torch.tensor(d.mask, dtype=torch.float32)[None, None]
         result = drag.drag(unet, models.vae, image, models.encode_prompt([world.caption(d.source)]), d.handles,
-                           d.targets, mask, seed=seed, progress=False)
+                           d.targets if move else d.handles, mask, seed=seed, progress=False)
         records.append({"drag": k, "kind": d.kind, "iterations": result.iterations, "tracked": result.handles,
                         "seconds": time.time() - start})
         images.append(media.to_uint8(result.image)[0])
@@ -227,7 +230,7 @@ def load_or_run(out, name, seed, drags, models, loras):
         if saved["drags"] == json.loads(json.dumps(key)):
             return saved["records"], np.load(stem.with_suffix(".npy"))
     unet = model_unet(models, name, loras)
-    records, images = run_drags(models, unet, drags, seed)
+    records, images = run_drags(models, unet, drags, seed, move=name != "roundtrip")
     stem.parent.mkdir(parents=True, exist_ok=True)
     def save_images(path):
         with open(path, "wb") as f:
@@ -311,7 +314,8 @@ def build_parser():
     p.add_argument("--drags", type=int, default=64, help="drags, >= 2 (default: %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the drag's randomness "
                    "(default: 0 1)")
-    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="rows (default: all)")
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
+                   help="rows; roundtrip: the base model with every target on its handle (default: all)")
     p.add_argument("--loras", default="runs/drag_loras", help="train.py's --out: smooth_lora.safetensors and "
                    "control/smooth_lora.safetensors (default: %(default)s)")
     p.add_argument("--out", default="runs/drag_bench", help="output folder (default: %(default)s)")
