@@ -8,7 +8,12 @@ size):
     their caption is what the classifier sees (and the per-attribute fractions). A CLIP-score *proxy*.
   * `frechet_distance(features_a, features_b)`: the Frechet distance between Gaussians fitted to the
     classifier's penultimate features (`features(images01)`) of two image sets. An FID *proxy*: the
-    same formula on other features, so its values are not comparable with FID's.
+    same formula on other features, so its values are not comparable with FID's. Biased upward at small
+    N (the plug-in covariances' noise adds to the trace term): only numbers at the same N compare.
+  * `kid(features_a, features_b, groups_a)`: the kernel distance of Binkowski et al. (KID: the unbiased
+    MMD^2 with the cubic kernel (x.y/d + 1)^3) on the same features, with a jackknife standard error.
+    Unbiased in N, so a report of 24 strips and a table of 64 strips estimate the same number. A KID
+    *proxy*, like the FID-proxy.
 The classifier is a measuring instrument, not the model under test, so it is trained on every
 (shape, colour, background) triple, held-out ones included: trained on the training triples only, it
 learns shortcuts (red on blue is never a circle there) and reads the shape of held-out combinations at
@@ -132,6 +137,76 @@ def frechet_distance(features_a, features_b):
     sqrt_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     cross = np.sqrt(np.clip(np.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a), 0, None)).sum()
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
+
+
+def polynomial_kernel(x, y):
+    """KID's kernel k(x, y) = (x.y / d + 1)^3 between the rows of x [M, D] and y [N, D] -> [M, N]."""
+    return (x @ y.T / x.shape[1] + 1) ** 3
+
+
+def kid(features_a, features_b, groups_a=None):
+    """KID (the unbiased estimate of MMD^2 with the cubic kernel) between features a [M, D] (the samples)
+    and b [N, D] (the real images), with its standard error.
+
+    MMD^2_u = sum_{i != j} k(a_i, a_j) / (M (M-1)) + sum_{i != j} k(b_i, b_j) / (N (N-1))
+              - 2 sum_{i, j} k(a_i, b_j) / (M N).
+    Standard error: the jackknife, one sample set at a time (a two-sample U-statistic's variance is the
+    sum of the two one-sample parts), deleting one GROUP of a at a time (`groups_a`: a label per row; the
+    11 frames of one interpolation strip share prompt and noise, so they are not independent draws) and
+    one row of b at a time (independent real images). Disjoint subsets (torchmetrics' way) would throw
+    away the cross terms between subsets and need a subset size; the jackknife uses every pair and is
+    O(M^2 + N^2 + M N) from three kernel sums.
+    Returns {"kid", "se", "leave_out_a" (the estimate without each group of a, in group order),
+    "leave_out_b" (without each row of b)}: two models scored against the same real images with the
+    same groups can be compared by `kid_difference`.
+    """
+    a, b = np.asarray(features_a, dtype=np.float64), np.asarray(features_b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 3:
+        raise ValueError(f"expected two [N, D] feature arrays with the same D and N >= 3, got {a.shape} and {b.shape}.")
+    groups = np.arange(len(a)) if groups_a is None else np.asarray(groups_a)
+    if groups.shape != (len(a),) or len(np.unique(groups)) < 2:
+        raise ValueError(f"groups_a needs one label per row of a and at least 2 groups, got shape {groups.shape}.")
+    m, n = len(a), len(b)
+    k_aa, k_bb, k_ab = polynomial_kernel(a, a), polynomial_kernel(b, b), polynomial_kernel(a, b)
+    np.fill_diagonal(k_aa, 0)
+    np.fill_diagonal(k_bb, 0)
+    s_aa, s_bb, s_ab = k_aa.sum(), k_bb.sum(), k_ab.sum()
+    value = s_aa / (m * (m - 1)) + s_bb / (n * (n - 1)) - 2 * s_ab / (m * n)
+    # Without group g of a (size c_g): the pairs inside the rest, the cross pairs of the rest.
+    labels, index = np.unique(groups, return_inverse=True)
+    member = np.zeros((m, len(labels)))
+    member[np.arange(m), index] = 1
+    c = member.sum(0)
+    inside = np.einsum("ig,ij,jg->g", member, k_aa, member)  # sum over i != j in the group (diagonal is 0)
+    row_aa, row_ab = member.T @ k_aa.sum(1), member.T @ k_ab.sum(1)
+    rest = m - c
+    out_a = (s_aa - 2 * row_aa + inside) / (rest * (rest - 1)) + s_bb / (n * (n - 1)) - 2 * (s_ab - row_ab) / (rest * n)
+    out_b = s_aa / (m * (m - 1)) + (s_bb - 2 * k_bb.sum(1)) / ((n - 1) * (n - 2)) - \
+        2 * (s_ab - k_ab.sum(0)) / (m * (n - 1))
+    return {"kid": float(value), "se": jackknife_se(out_a, out_b), "leave_out_a": out_a.tolist(),
+            "leave_out_b": out_b.tolist()}
+
+
+def jackknife_se(*leave_outs):
+    """The jackknife standard error from leave-one-out estimates, one array per independent sample set:
+    sqrt(sum over sets of (g-1)/g sum_k (theta_-k - mean)^2)."""
+    var = sum((len(t) - 1) / len(t) * ((np.asarray(t) - np.mean(t)) ** 2).sum() for t in leave_outs)
+    return float(np.sqrt(var))
+
+
+def kid_difference(scored, reference):
+    """KID(scored) - KID(reference) of two `kid` results measured against the same real images with
+    paired groups (the same strips for both models): the difference, and its jackknife standard error
+    from the paired leave-out estimates (deleting strip k from both, real image j from both), which
+    removes what the two share (the real set, the prompts and noise pairs)."""
+    for key in ("leave_out_a", "leave_out_b"):
+        if len(scored[key]) != len(reference[key]):
+            raise ValueError(f"kid_difference needs the same groups and real images for both models "
+                             f"({key}: {len(scored[key])} vs {len(reference[key])}).")
+    out = [np.subtract(scored[k], reference[k]) for k in ("leave_out_a", "leave_out_b")]
+    diff = scored["kid"] - reference["kid"]
+    return {"mean": float(diff), "se": jackknife_se(*out), "relative": float(diff / reference["kid"])
+            if reference["kid"] else float("nan")}
 
 
 def paired_difference(values, reference):

@@ -80,7 +80,7 @@ class ReportProtocol:
 def score_strips(strips, prompts, real_features):
     """ISTD (Sec. 4.1) and the quality proxies of sampled strips [S, frames, 3, H, W] in [0, 1], strip k
     sampled with prompts[k mod len(prompts)]: per-strip ISTD and mean adjacent distance (and their means),
-    caption accuracy and the FID-proxy (against `real_features`) over all frames."""
+    caption accuracy, the FID-proxy and the KID-proxy (both against `real_features`) over all frames."""
     import metrics
 
     S, F = strips.shape[:2]
@@ -90,12 +90,15 @@ def score_strips(strips, prompts, real_features):
     # the walk) also has a lower ISTD; this ratio only falls when the steps become more even.
     per_strip_relative = [i / d if d > 0 else 0.0 for i, d in zip(per_strip_istd, per_strip_distance)]
     frames = strips.flatten(0, 1)
+    frame_features = instruments.features(frames, load_classifier())
     return {"istd": float(np.mean(per_strip_istd)), "mean_adjacent_distance": float(np.mean(per_strip_distance)),
             "relative_istd": float(np.mean(per_strip_relative)),
             "per_strip_istd": per_strip_istd, "per_strip_mean_adjacent_distance": per_strip_distance,
             "per_strip_relative_istd": per_strip_relative,
             "caption_accuracy": caption_accuracy(frames, [prompts[k % len(prompts)] for k in range(S) for _ in range(F)]),
-            "fid_proxy": instruments.frechet_distance(instruments.features(frames, load_classifier()), real_features)}
+            "fid_proxy": instruments.frechet_distance(frame_features, real_features),
+            # KID-proxy with a jackknife s.e. that deletes one strip at a time (its frames are not independent)
+            "kid_proxy": instruments.kid(frame_features, real_features, groups_a=np.repeat(np.arange(S), F))}
 
 
 def report(model_path, loras, out_dir, protocol=None, reference="control"):

@@ -95,7 +95,7 @@ class Protocol:
     paper_lambdas: tuple = (0.1, 1.0, 10.0, 100.0)  # the paper's form's lambda curve (Table 3)
     our_lambda_factors: tuple = (1 / 3, 1.0, 3.0, 10.0)  # ours: these times OUR_FORM's lambda
     lengths: tuple = (300, 1000, 3000)  # fine-tune lengths (max_steps)
-    seeds: tuple = (0, 1)  # training seeds of the control and both forms
+    seeds: tuple = (0, 1, 2)  # training seeds of the control and both forms (>= 3: issue 21)
     train: dict = field(default_factory=dict)  # train.py flags on top of the common main_job.TRAIN_DEFAULTS
 
     @property
@@ -200,7 +200,7 @@ def table_rows(p):
         "lambda": [*controls, *(f"paper_lambda{round_lambda(x):g}" for x in p.paper_lambdas),
                    *(f"ours_lambda{round_lambda(f * lam):g}" for f in p.our_lambda_factors)],
         "length": [f"{n}_steps{s}" for s in p.lengths for n in (*controls, *FORMS)],
-        "seeds": [n + suffix for suffix in ("", "_seed1") for n in (*controls, *FORMS)],
+        "seeds": [n + suffix for suffix in ("", *(f"_seed{s}" for s in p.seeds[1:])) for n in (*controls, *FORMS)],
         "reconstruction": [*controls, *FORMS, "base"],
     }
 
@@ -404,9 +404,14 @@ def summary(name, plan, names, scores, p):
         row.update(istd=q["istd"], istd_se=float(np.std(per_strip, ddof=1) / np.sqrt(len(per_strip))),
                    mean_adjacent_distance=q["mean_adjacent_distance"], fid_proxy=q["fid_proxy"],
                    caption_accuracy=q["caption_accuracy"]["caption"])
+        if "kid_proxy" in q:
+            row.update(kid_proxy=q["kid_proxy"]["kid"], kid_se=q["kid_proxy"]["se"])
     control = plan[name].control
     if control is not None and names[control] != names[name]:
         row.update(reference=names[control], **compare(own, scores.get(names[control], {}), p.cells))
+        c = scores.get(names[control], {}).get(cell_name(p.quality_cell))
+        if q is not None and c is not None and "kid_proxy" in q and "kid_proxy" in c:
+            row["kid_vs_control"] = instruments.kid_difference(q["kid_proxy"], c["kid_proxy"])
     return row
 
 
@@ -420,6 +425,14 @@ def fmt_relative(d):
     return "–" if d is None else f"{100 * d['relative']:+.0f}% ± {100 * d['relative_se']:.0f}%"
 
 
+def fmt_kid(value, se):
+    return "–" if value is None else f"{1000 * value:.2f} ± {1000 * se:.2f}"  # in units of 1e-3
+
+
+def fmt_kid_difference(d):
+    return "" if d is None else f"{1000 * d['mean']:+.2f} ± {1000 * d['se']:.2f}"
+
+
 HOLDS = {1: "yes: higher", -1: "yes: lower", 0: "no", None: "pending"}
 
 
@@ -427,7 +440,8 @@ def smoothness_table(title, names, results, note=None):
     """A markdown table of ISTD against the control in the four cells, the rule, and the quality proxies."""
     rows, cells, quality = results["rows"], results["cells"], results["quality_cell"]
     head = ["model", f"ISTD ↓ ({quality})", *(f"ΔISTD {c} (paired)" for c in cells), "holds in all 4 cells",
-            f"mean adjacent distance ({quality})", f"FID-proxy ↓ ({quality})", f"caption accuracy ↑ ({quality})"]
+            f"mean adjacent distance ({quality})", f"FID-proxy ↓ ({quality})", f"KID-proxy ↓ ({quality}, ± s.e.)",
+            "ΔKID vs control (paired, ± s.e.)", f"caption accuracy ↑ ({quality})"]
     out = [f"### {title}", ""] + ([note, ""] if note else []) + \
           ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in names:
@@ -439,7 +453,8 @@ def smoothness_table(title, names, results, note=None):
         deltas = ["(reference)"] * len(cells) if diffs is None else [fmt_relative(diffs.get(c)) for c in cells]
         out.append("| " + " | ".join([r["label"], f"{r['istd']:.3f} ± {r['istd_se']:.3f}", *deltas,
                                       "" if diffs is None else HOLDS[r["holds"]], fmt(r["mean_adjacent_distance"]),
-                                      fmt(r["fid_proxy"], 2), fmt(r["caption_accuracy"])]) + " |")
+                                      fmt(r["fid_proxy"], 2), fmt_kid(r.get("kid_proxy"), r.get("kid_se")),
+                                      fmt_kid_difference(r.get("kid_vs_control")), fmt(r["caption_accuracy"])]) + " |")
     return out + [""]
 
 
@@ -490,9 +505,11 @@ def tradeoff(row, control_row):
     relative = [d["relative"] for d in diffs.values()]
     fid = relative_change(row["fid_proxy"], control_row["fid_proxy"])  # higher is worse
     caption = relative_change(row["caption_accuracy"], control_row["caption_accuracy"])  # lower is worse
+    kid = row.get("kid_vs_control")  # higher is worse; within 2 s.e. of the control: no measurable cost
     return {"istd": float(np.mean(relative)), "istd_nearest_zero": min(relative, key=abs), "fid_proxy": fid,
             "caption_accuracy": caption, "holds": row["holds"],
-            "within_budget": fid <= QUALITY_BUDGET and caption >= -QUALITY_BUDGET}
+            "within_budget": fid <= QUALITY_BUDGET and caption >= -QUALITY_BUDGET,
+            "kid": kid, "kid_within_2se": None if kid is None else kid["mean"] <= 2 * kid["se"]}
 
 
 def tradeoff_points(results):
@@ -518,13 +535,16 @@ def tradeoff_table(results):
              f"relative differences (and the cell nearest zero), ΔFID-proxy and Δcaption accuracy are relative "
              f"changes in cell {results['quality_cell']}; 'within budget': FID-proxy at most "
              f"{100 * QUALITY_BUDGET:.0f}% higher and caption accuracy at most {100 * QUALITY_BUDGET:.0f}% lower "
-             "than the control's. Plotted in [tradeoff.png](tradeoff.png).", "",
+             "than the control's. ΔKID-proxy: the paired difference to the control (jackknife s.e. over strips "
+             "and real images, units of 1e-3); 'KID within 2 s.e.': not worse than the control by more than 2 s.e. "
+             "Plotted in [tradeoff.png](tradeoff.png).", "",
              "| run | ΔISTD (mean of 4 cells) | weakest cell | holds in all 4 cells | ΔFID-proxy | Δcaption accuracy "
-             "| within budget |", "|---|---|---|---|---|---|---|"]
+             "| within budget | ΔKID-proxy (paired) | KID within 2 s.e. |", "|---|---|---|---|---|---|---|---|---|"]
     for p in sorted(points.values(), key=lambda p: p["istd"]):
         lines.append(f"| {p['label']} | {100 * p['istd']:+.0f}% | {100 * p['istd_nearest_zero']:+.0f}% | "
                      f"{HOLDS[p['holds']]} | {100 * p['fid_proxy']:+.0f}% | {100 * p['caption_accuracy']:+.0f}% | "
-                     f"{'yes' if p['within_budget'] else 'no'} |")
+                     f"{'yes' if p['within_budget'] else 'no'} | {fmt_kid_difference(p['kid'])} | "
+                     f"{ {True: 'yes', False: 'no', None: '–'}[p['kid_within_2se']]} |")
     return lines + [""]
 
 
@@ -539,7 +559,10 @@ def header(results):
             f"Every ΔISTD is the paired per-strip difference to the model's control (same strips), relative to "
             f"the control's mean ISTD, ± its standard error, in each cell ({', '.join(results['cells'])}: set A "
             f"or B of noise pairs, DDIM steps). A claim **holds** only if the difference has the same sign and "
-            f"|mean| > 2 s.e. in all four cells. The other columns are from cell {results['quality_cell']}.",
+            f"|mean| > 2 s.e. in all four cells. The other columns are from cell {results['quality_cell']}. "
+            f"KID-proxy: the unbiased kernel distance (cubic kernel) on the classifier's features against the same "
+            f"real images, in units of 1e-3, ± its jackknife standard error (deleting one strip, or one real image, "
+            f"at a time); ΔKID is paired with the control (same strips, same real images).",
             "",
             f"Measured times, summed over every LoRA run and every scoring: {measured / 60:.1f} min on a shared "
             f"2-core CPU (training runs in a second process beside the scoring); the invocation that wrote "
@@ -585,8 +608,8 @@ def render_markdown(results):
         + smoothness_table("ISTD and FID-proxy vs fine-tune length", t["length"], results,
                            note="Each length is paired with the control of the same length.")
         + smoothness_table("Seed check: both forms at another training seed", t["seeds"], results,
-                           note="The seed-1 forms are paired with the seed-1 control; the seed-1 control with "
-                                "the seed-0 control (how far another training seed alone moves ISTD).")
+                           note="The forms at seed s are paired with the control at seed s; the controls at seeds "
+                                "1, 2 with the seed-0 control (how far another training seed alone moves ISTD).")
         + tradeoff_table(results)
         + figures_text(results) + runs_table(results))
 
@@ -847,6 +870,7 @@ def main(argv=None):
     inputs = recon_inputs(s.p)
     vae_optimum(s, inputs)
     protocol = {k: v for k, v in s.results["protocol"].items() if k in ("strips", "frames", "guidance", "real")}
+    protocol["instruments"] = ["fid_proxy", "kid_proxy"]  # scores cached before the KID-proxy are recomputed
     recon_protocol = {k: s.results["protocol"][k] for k in ("recon_images", "nti_inner_steps", "edit_r", "guidance")}
     recon_protocol["steps"] = max(s.p.step_counts)
     reconstructed = {s.names[n] for n in s.results["tables"]["reconstruction"]} if "table2" in wanted else set()
