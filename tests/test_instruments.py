@@ -83,3 +83,37 @@ def test_kid_difference_of_paired_models_removes_what_they_share():
     assert d["se"] < 0.3 * np.hypot(a["se"], b["se"])
     with pytest.raises(ValueError, match="same groups"):
         instruments.kid_difference(instruments.kid(base[:60], real, groups[:60]), a)
+
+
+def test_edit_scores_read_what_changed_and_what_stayed_on_drawn_edits():
+    """Edits drawn by world.draw: a perfect recolouring changes only the shape's colour (target seen,
+    everything kept, not one pixel outside the shape moved); no edit, a changed background and a changed
+    shape each fail where they should."""
+    from toy import report, world
+
+    _, sources = world.make_images(6, seed=21, split="heldout")
+    targets = [next(c for c in world.COLOURS if c not in (a["colour"], a["background"])) for a in sources]
+    other_bg = [next(c for c in world.COLOURS if c not in (a["colour"], a["background"], t))
+                for a, t in zip(sources, targets)]
+    other_shape = [next(s for s in world.SHAPES if s != a["shape"]) for a in sources]
+    recolour = lambda a, t, **kw: {**a, "colour": t, "colour_rgb": world.COLOURS[t], **kw}  # noqa: E731
+    draw = lambda attrs: instruments.images01(np.stack([world.draw(a) for a in attrs]))  # noqa: E731
+    source = draw(sources)
+    perfect = report.edit_scores(draw([recolour(a, t) for a, t in zip(sources, targets)]), source, sources, targets)
+    assert perfect["target_seen"] == perfect["kept_all"] == perfect["success"] == 1.0
+    assert perfect["outside_mse"] == 0.0
+    unchanged = report.edit_scores(source, source, sources, targets)
+    assert unchanged["target_seen"] == 0.0 and unchanged["kept_all"] == 1.0 and unchanged["success"] == 0.0
+    background = draw([recolour(a, t, background=b, background_rgb=world.COLOURS[b])
+                       for a, t, b in zip(sources, targets, other_bg)])
+    moved = report.edit_scores(background, source, sources, targets)
+    assert moved["kept_background"] == 0.0 and moved["success"] == 0.0
+    expected = [np.mean((np.array(world.COLOURS[b]) / 255 - np.array(a["background_rgb"]) / 255) ** 2)
+                for a, b in zip(sources, other_bg)]
+    assert moved["per_image"]["outside_mse"] == pytest.approx(expected, rel=1e-5)
+    reshaped = report.edit_scores(draw([recolour(a, t, shape=s) for a, t, s in zip(sources, targets, other_shape)]),
+                                  source, sources, targets)
+    assert reshaped["kept_shape"] == 0.0 and reshaped["target_seen"] == 1.0 and reshaped["success"] == 0.0
+    mask = report.outside_shape(sources[0])
+    a = sources[0]
+    assert not mask[int(a["cy"]), int(a["cx"])] and mask.sum() < 32 * 32 - np.pi * a["r"] ** 2 * 0.5

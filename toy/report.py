@@ -1,6 +1,8 @@
 """Measuring the toy world's models: the base's own numbers (`python -m toy evaluate`) and the paired
 before/after report of train.py's main job (Sec. 4.1's ISTD on the held-out prompts, with the quality
-proxies of toy/instruments.py).
+proxies of toy/instruments.py, and Table 2's DDIM inversion of real held-out images), and the
+measurements the tables share with it (`score_strips`, `ddim_reconstruct`, `image_metrics`,
+`edit_scores`).
 """
 import json
 from dataclasses import dataclass
@@ -11,8 +13,8 @@ import torch
 
 import data
 from toy import instruments
-from toy.world import (MODEL_DIR, RESOLUTION, caption, caption_accuracy, heldout_prompts, load_classifier,
-                       make_images)
+from toy.world import (HEADS, MODEL_DIR, RESOLUTION, caption, caption_accuracy, draw, heldout_prompts,
+                       load_classifier, make_images)
 
 
 @torch.no_grad()
@@ -65,6 +67,69 @@ def evaluate(model=MODEL_DIR, out="runs/toy_eval", per_prompt=4, steps=50, guida
 
 
 
+def inversion_inputs(n, seed=11):
+    """n real held-out images to invert (uint8 -> [n, 3, 32, 32] in [0, 1]), their captions and attribute
+    dicts. The tables invert the first 32 of the same draw, so the report's 24 are among them."""
+    images, attributes = make_images(n, seed=seed, split="heldout")
+    return instruments.images01(images), [caption(a) for a in attributes], attributes
+
+
+@torch.no_grad()
+def ddim_reconstruct(models, images01, captions, *, steps, guidance, schedule=None):
+    """Table 2's DDIM inversion: x_T by Eq. 4 (conditional branch, no guidance), then DDIM sampling with
+    CFG from it; the reconstructions [B, 3, H, W] in [0, 1]."""
+    import sampler
+
+    schedule = schedule or sampler.make_schedule(models.scheduler_config)
+    cond, uncond = models.encode_prompt(captions), models.encode_prompt([""])
+    kw = dict(steps=steps, schedule=schedule, progress=False)
+    x_T = sampler.ddim_invert(models.unet, sampler.encode_images(models.vae, images01), cond, **kw)  # Eq. 4
+    return sampler.decode_latents(models.vae, sampler.ddim_sample(models.unet, x_T, cond, uncond,
+                                                                  guidance=guidance, **kw))
+
+
+def image_metrics(x, y):
+    """Per-image MSE / PSNR / SSIM lists of images in [0, 1]."""
+    import metrics
+
+    return {"mse": metrics.mse(x, y).tolist(), "psnr": metrics.psnr(x, y).tolist(), "ssim": metrics.ssim(x, y).tolist()}
+
+
+def outside_shape(attributes, margin=1):
+    """Bool [32, 32]: the pixels the shape of an attribute dict does not touch, not even partly (its
+    anti-aliased edge) nor within `margin` pixels of it: what a recolouring edit must leave as it was."""
+    cover = draw({**attributes, "colour_rgb": (255, 255, 255), "background_rgb": (0, 0, 0)})[..., 0] > 0
+    touched = torch.as_tensor(cover)[None, None].float()
+    if margin:
+        touched = torch.nn.functional.max_pool2d(touched, 2 * margin + 1, stride=1, padding=margin)
+    return ~touched[0, 0].bool()
+
+
+def edit_scores(edited01, source01, source_attributes, target_colours, classifier=None):
+    """How well recolouring edits (Eq. 15: the shape's colour -> target_colours[k]) did what they should
+    and kept what they should, read by the attribute classifier and the pixels, per image and as means:
+      * target_seen: the classifier sees the target colour on the edited shape;
+      * kept_shape / kept_background / kept_size: it sees the source's value of each other attribute;
+        kept_all: all three;
+      * success: target_seen and kept_all;
+      * outside_mse: mean squared pixel difference to the source outside the shape (`outside_shape`).
+    Images [N, 3, H, W] in [0, 1]."""
+    predicted = instruments.predict(edited01, classifier or load_classifier())
+    seen = lambda name, k: HEADS[name][int(predicted[name][k])]  # noqa: E731
+    per = {key: [] for key in ("target_seen", "kept_shape", "kept_background", "kept_size", "kept_all",
+                               "success", "outside_mse")}
+    for k, (a, target) in enumerate(zip(source_attributes, target_colours)):
+        kept = {name: seen(name, k) == a[name] for name in ("shape", "background", "size")}
+        per["target_seen"].append(float(seen("colour", k) == target))
+        for name, ok in kept.items():
+            per[f"kept_{name}"].append(float(ok))
+        per["kept_all"].append(float(all(kept.values())))
+        per["success"].append(float(per["target_seen"][-1] and all(kept.values())))
+        mask = outside_shape(a)
+        per["outside_mse"].append(float(((edited01[k] - source01[k]) ** 2)[:, mask].mean()))
+    return {"per_image": per, **{key: float(np.mean(v)) for key, v in per.items()}}
+
+
 @dataclass
 class ReportProtocol:
     """What `report` measures: Sec. 4.1's ISTD protocol on the held-out prompts, paired."""
@@ -73,7 +138,8 @@ class ReportProtocol:
     steps: int = 50  # DDIM steps (paper)
     guidance: float = 7.5  # CFG scale (paper)
     seed: int = 0
-    real: int = 500  # real held-out images: the reference of the FID proxy
+    real: int = 500  # real held-out images: the reference of the FID and KID proxies
+    inversion_images: int = 24  # real held-out images inverted by DDIM (Table 2's PSNR), at `steps`
     figure_strips: int = 3  # the figure shows strips 0, 1, 2: fixed in advance, not picked by looking
 
 
@@ -119,6 +185,7 @@ def report(model_path, loras, out_dir, protocol=None, reference="control"):
     prompts = [every[k % len(every)] for k in range(p.strips)]
     real, _ = make_images(p.real, seed=p.seed + 7, split="heldout")
     real_features = instruments.features(instruments.images01(real), load_classifier())
+    inverted, inverted_captions, _ = inversion_inputs(p.inversion_images)
     results, rows = {}, []
     for name, lora_path in loras.items():
         models = checkpoint.load_models(model_path)
@@ -128,14 +195,21 @@ def report(model_path, loras, out_dir, protocol=None, reference="control"):
             models.unet, models.vae, models.encode_prompt, prompts, latent_shape=(4, RESOLUTION // 4, RESOLUTION // 4),
             frames=p.frames, steps=p.steps, guidance=p.guidance, seed=p.seed,
             schedule=sampler.make_schedule(models.scheduler_config), progress=False)
+        recon = image_metrics(ddim_reconstruct(models, inverted, inverted_captions, steps=p.steps,
+                                               guidance=p.guidance), inverted)
         results[name] = {"lora": None if lora_path is None else str(lora_path),
-                         **score_strips(strips, prompts, real_features)}
+                         **score_strips(strips, prompts, real_features),
+                         "ddim_inversion": {"per_image": recon, **{k: float(np.mean(v)) for k, v in recon.items()}}}
         rows.append((name, strips[:p.figure_strips]))
     for name in results:
         if name != reference:
             for key in ("istd", "relative_istd"):
                 results[name][f"{key}_vs_{reference}"] = instruments.paired_difference(
                     results[name]["per_strip_" + key], results[reference]["per_strip_" + key])
+            results[name][f"kid_proxy_vs_{reference}"] = instruments.kid_difference(
+                results[name]["kid_proxy"], results[reference]["kid_proxy"])
+            results[name][f"ddim_inversion_psnr_vs_{reference}"] = instruments.paired_difference(
+                results[name]["ddim_inversion"]["per_image"]["psnr"], results[reference]["ddim_inversion"]["per_image"]["psnr"])
     out.mkdir(parents=True, exist_ok=True)
     grid = [(f"strip {k}: {name}", strips[k]) for k in range(p.figure_strips) for name, strips in rows]
     data.labelled_grid(grid, scale=4).save(out / "interpolation_before_after.png")
@@ -153,11 +227,16 @@ def report_line(summary, out):
         if name == ref:
             continue
         d, c = r["istd_vs_" + ref], r["relative_istd_vs_" + ref]
+        k, i = r["kid_proxy_vs_" + ref], r["ddim_inversion_psnr_vs_" + ref]
         parts.append(f"{name} {r['istd']:.3f} vs {ref} {models[ref]['istd']:.3f}: {d['mean']:+.3f} +- {d['se']:.3f} "
                      f"({100 * d['relative']:+.0f}%, paired, {d['n']} strips); mean step {r['mean_adjacent_distance']:.3f}"
                      f" vs {models[ref]['mean_adjacent_distance']:.3f}; ISTD / mean step {100 * c['relative']:+.0f}% "
                      f"+- {100 * c['se'] / models[ref]['relative_istd']:.0f}%; FID-proxy {r['fid_proxy']:.2f} vs "
-                     f"{models[ref]['fid_proxy']:.2f}; caption accuracy {r['caption_accuracy']['caption']:.2f} vs "
-                     f"{models[ref]['caption_accuracy']['caption']:.2f}")
+                     f"{models[ref]['fid_proxy']:.2f}; KID-proxy (x1e-3) {1000 * r['kid_proxy']['kid']:.2f} vs "
+                     f"{1000 * models[ref]['kid_proxy']['kid']:.2f}: {1000 * k['mean']:+.2f} +- {1000 * k['se']:.2f} "
+                     f"(paired); caption accuracy {r['caption_accuracy']['caption']:.2f} vs "
+                     f"{models[ref]['caption_accuracy']['caption']:.2f}; DDIM inversion PSNR {r['ddim_inversion']['psnr']:.2f}"
+                     f" vs {models[ref]['ddim_inversion']['psnr']:.2f} dB: {i['mean']:+.2f} +- {i['se']:.2f} (paired, "
+                     f"{i['n']} real held-out images)")
     return (f"ISTD on held-out prompts ({p['steps']} DDIM steps, CFG {p['guidance']}): " + "; ".join(parts) +
             f". Figure {out / 'interpolation_before_after.png'}, numbers {out / 'report.json'}")

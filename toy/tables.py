@@ -64,7 +64,6 @@ from PIL import Image, ImageDraw
 import checkpoint
 import data
 import lora
-import metrics
 import sampler
 from toy import instruments, main_job, report, world
 
@@ -89,6 +88,7 @@ class Protocol:
     guidance: float = 7.5  # CFG scale (paper)
     real: int = 1000  # real held-out images: the reference set of the FID proxy
     recon_images: int = 32  # real held-out images inverted and reconstructed (Table 2)
+    inversion_step_counts: tuple = (10, 20)  # DDIM inversion also at these step counts (it errs more; issue 21)
     nti_inner_steps: int = 10  # null-text inversion's Adam steps per timestep (published value)
     edit_r: float = 0.8  # Eq. 15 switch point (the official demo's default)
     chunk: int = 12  # strips sampled in one batch
@@ -110,6 +110,7 @@ class Protocol:
 
 
 QUICK = Protocol(strips=3, step_counts=(2, 3), real=64, recon_images=2, nti_inner_steps=2, lengths=(2, 3, 4),
+                 inversion_step_counts=(2,),
                  train=dict(max_steps=2, batch_size=2, save_every=2))
 
 
@@ -201,7 +202,8 @@ def table_rows(p):
                    *(f"ours_lambda{round_lambda(f * lam):g}" for f in p.our_lambda_factors)],
         "length": [f"{n}_steps{s}" for s in p.lengths for n in (*controls, *FORMS)],
         "seeds": [n + suffix for suffix in ("", *(f"_seed{s}" for s in p.seeds[1:])) for n in (*controls, *FORMS)],
-        "reconstruction": [*controls, *FORMS, "base"],
+        "reconstruction": [*controls, *FORMS, "base",
+                           *(n + f"_seed{s}" for s in p.seeds[1:] for n in (*controls, *FORMS))],
     }
 
 
@@ -312,42 +314,41 @@ def edit_target(attributes):
 
 def reconstruct(models, images01, captions, targets, p):
     """DDIM-inversion and null-text-inversion reconstructions, and Eq. 15 edits from the NTI inversion,
-    at the protocol's largest step count.
+    at the protocol's largest step count; DDIM inversion also at `p.inversion_step_counts` steps.
 
     Each image gets its own null embeddings: the batch's nulls form one [B, 77, D] tensor, and since
     the NTI loss is a sum of per-image terms and Adam acts element-wise, this is B independent
     inversions (except that the early stop waits for the batch's total loss).
-    Returns {"ddim", "nti", "edit"}: images [B, 3, H, W] in [0, 1].
+    Returns {"ddim" (at the largest step count), "ddim_N" (at N steps), "nti", "edit"}: images
+    [B, 3, H, W] in [0, 1].
     """
     schedule = sampler.make_schedule(models.scheduler_config)
-    unet, B = models.unet, len(images01)
+    unet, B, steps = models.unet, len(images01), max(p.step_counts)
+    out = {"ddim" if n == steps else f"ddim_{n}": report.ddim_reconstruct(models, images01, captions, steps=n,
+                                                                         guidance=p.guidance, schedule=schedule)
+           for n in sorted({*p.inversion_step_counts, steps})}
     latents = sampler.encode_images(models.vae, images01)
     with torch.no_grad():
         cond, cond_target = models.encode_prompt(captions), models.encode_prompt(targets)
         uncond = models.encode_prompt([""])
-    kw = dict(steps=max(p.step_counts), schedule=schedule, progress=False)
-    x_T = sampler.ddim_invert(unet, latents, cond, **kw)  # Eq. 4
-    ddim = sampler.ddim_sample(unet, x_T, cond, uncond, guidance=p.guidance, **kw)
+    kw = dict(steps=steps, schedule=schedule, progress=False)
     x_T, nulls = sampler.null_text_invert(unet, latents, cond, uncond.expand(B, -1, -1).clone(),
                                           guidance=p.guidance, inner_steps=p.nti_inner_steps, **kw)
     nti = sampler.ddim_sample(unet, x_T, cond, nulls, guidance=p.guidance, **kw)
     edited = sampler.edit(unet, x_T, nulls, cond, cond_target, r=p.edit_r, guidance=p.guidance, **kw)  # Eq. 15
-    return {k: sampler.decode_latents(models.vae, z) for k, z in (("ddim", ddim), ("nti", nti), ("edit", edited))}
-
-
-def image_metrics(x, y):
-    """Per-image MSE / PSNR / SSIM lists of images in [0, 1]."""
-    return {"mse": metrics.mse(x, y).tolist(), "psnr": metrics.psnr(x, y).tolist(), "ssim": metrics.ssim(x, y).tolist()}
+    return {**out, **{k: sampler.decode_latents(models.vae, z) for k, z in (("nti", nti), ("edit", edited))}}
 
 
 def recon_inputs(p):
     """The Table 2 images: the Eq. 15 figure's red circle first, then `recon_images` real held-out images
-    (only these are scored). Returns (images01, captions, edit targets)."""
-    images, attributes = world.make_images(p.recon_images, seed=11, split="heldout")
-    images = np.concatenate([world.draw(EDIT_SOURCE)[None], images])
-    captions = [world.caption(EDIT_SOURCE)] + [world.caption(a) for a in attributes]
-    targets = [world.caption({**EDIT_SOURCE, "colour": EDIT_TARGET_COLOUR})] + [edit_target(a) for a in attributes]
-    return instruments.images01(images), captions, targets
+    (only these are scored; `report.inversion_inputs`). Returns (images01, captions, edit targets, the
+    attribute dicts, the target colours)."""
+    images, captions, attributes = report.inversion_inputs(p.recon_images)
+    images = torch.cat([instruments.images01(world.draw(EDIT_SOURCE)[None]), images])
+    attributes = [EDIT_SOURCE, *attributes]
+    targets = [world.caption({**EDIT_SOURCE, "colour": EDIT_TARGET_COLOUR})] + [edit_target(a) for a in attributes[1:]]
+    return (images, [world.caption(EDIT_SOURCE), *captions], targets, attributes,
+            [world.parse_caption(t)["colour"] for t in targets])
 
 
 def cached(path, key, compute):
@@ -458,30 +459,61 @@ def smoothness_table(title, names, results, note=None):
     return out + [""]
 
 
+def inversion_label(key, steps):
+    """'ddim' -> 'DDIM 50 steps', 'ddim_10' -> 'DDIM 10 steps', 'nti' -> 'NTI 50 steps'."""
+    kind, _, n = key.partition("_")
+    return f"{kind.upper()} {n or steps} steps"
+
+
 def reconstruction_table(results, names):
-    """Table 2: MSE / PSNR / SSIM of DDIM inversion and NTI, the VAE's optimum, and the Eq. 15 edits."""
+    """Table 2: MSE / PSNR / SSIM of DDIM inversion (at every step count) and NTI, the VAE's optimum, and
+    the Eq. 15 edits: what changed (the target colour), what stayed (the other attributes, the pixels
+    outside the shape), each paired with the model's control."""
     recon, labels = results.get("reconstruction", {}), {n: results["rows"].get(n, {}).get("label", n) for n in names}
+    steps = max(results["protocol"]["step_counts"])
+    inversions = [*(f"ddim_{n}" for n in results["protocol"].get("inversion_step_counts", ()) if n != steps),
+                  "ddim", "nti"]
     lines = ["### Table 2: reconstruction of real held-out images (DDIM inversion, null-text inversion) "
              "and Eq. 15 edits", "", f"{results.get('reconstruction_s', 0) / 60:.1f} min of scoring, "
-             f"{results['protocol']['recon_images']} images, {max(results['protocol']['step_counts'])} DDIM steps.",
+             f"{results['protocol']['recon_images']} images. ΔPSNR: paired per image with the model's control "
+             "(a form at seed s: the control at seed s; a control at seed s: the seed-0 control), ± s.e.",
              "", "| model + inversion | MSE ↓ | PSNR ↑ | SSIM ↑ | ΔPSNR vs control (paired) |",
              "|---|---|---|---|---|"]
     if "vae" in recon:
         v = recon["vae"]
         lines.append(f"| VAE reconstruction (optimum) | {v['mse']:.5f} | {v['psnr']:.2f} | {v['ssim']:.4f} | |")
-    for inversion in ("ddim", "nti"):
+    for inversion in inversions:
         for n in names:
             r = recon.get(n, {}).get(inversion)
+            label = f"{labels[n]} + {inversion_label(inversion, steps)}"
             if r is None:
-                lines.append(f"| {labels[n]} + {inversion.upper()} | pending | pending | pending | |")
+                lines.append(f"| {label} | pending | pending | pending | |")
                 continue
             d = r.get("psnr_vs_control")
             delta = "" if d is None else f"{d['mean']:+.2f} ± {d['se']:.2f} dB"
-            lines.append(f"| {labels[n]} + {inversion.upper()} | {r['mse']:.5f} | {r['psnr']:.2f} | "
-                         f"{r['ssim']:.4f} | {delta} |")
-    lines += ["", "| model | Eq. 15 edit: target colour seen ↑ | all target attributes seen ↑ |", "|---|---|---|"]
-    lines += [f"| {labels[n]} | {recon[n]['edit']['colour']:.3f} | {recon[n]['edit']['caption']:.3f} |"
-              for n in names if "edit" in recon.get(n, {})]
+            lines.append(f"| {label} | {r['mse']:.5f} | {r['psnr']:.2f} | {r['ssim']:.4f} | {delta} |")
+    lines += ["", f"Eq. 15 edits (r = {results['protocol']['edit_r']}, from the NTI inversion): the shape's colour "
+              "is changed. Read by the attribute classifier: target colour seen, all target attributes seen, each "
+              "other attribute kept (shape, background, size); success: target colour seen and all three kept. "
+              "Outside MSE: mean squared pixel difference to the source outside the shape (1 px margin), for the "
+              "edit and for the NTI reconstruction (what inverting alone costs there). Δ: paired with the "
+              "control, ± s.e.", "",
+              "| model | target colour seen ↑ | all target attributes seen ↑ | shape kept ↑ | background kept ↑ "
+              "| size kept ↑ | success ↑ | Δsuccess vs control | outside MSE, edit ↓ | Δoutside MSE vs control "
+              "| outside MSE, NTI ↓ |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n in names:
+        e = recon.get(n, {}).get("edit")
+        if e is None:
+            continue
+        if "success" not in e:  # an older cache: only the target numbers
+            lines.append(f"| {labels[n]} | {e['colour']:.3f} | {e['caption']:.3f} |" + " – |" * 8)
+            continue
+        d = e.get("vs_control", {})
+        ds = "" if "success" not in d else f"{d['success']['mean']:+.3f} ± {d['success']['se']:.3f}"
+        dm = "" if "outside_mse" not in d else f"{d['outside_mse']['mean']:+.5f} ± {d['outside_mse']['se']:.5f}"
+        lines.append(f"| {labels[n]} | {e['colour']:.3f} | {e['caption']:.3f} | {e['kept_shape']:.3f} | "
+                     f"{e['kept_background']:.3f} | {e['kept_size']:.3f} | {e['success']:.3f} | {ds} | "
+                     f"{e['outside_mse']:.5f} | {dm} | {e['nti_outside_mse']:.5f} |")
     return lines + [""]
 
 
@@ -741,12 +773,16 @@ def start(args):
 def write(s):
     r = s.results
     r["rows"] = {n: summary(n, s.plan, s.names, r["scores"], s.p) for n in s.plan}
-    control = r["reconstruction"].get(s.names[control_name("ours")])
     for name, rec in r["reconstruction"].items():
-        if name != "vae" and control is not None and rec is not control:
-            for inv in ("ddim", "nti"):
+        reference = s.plan[name].control if name in s.plan else None  # a form at seed s: the control at seed s
+        control = r["reconstruction"].get(s.names[reference]) if reference else None
+        if control is not None and rec is not control:
+            for inv in (k for k in rec if k.startswith(("ddim", "nti")) and k in control):
                 rec[inv]["psnr_vs_control"] = instruments.paired_difference(rec[inv]["per_image"]["psnr"],
                                                                             control[inv]["per_image"]["psnr"])
+            if "per_image" in rec["edit"] and "per_image" in control["edit"]:
+                rec["edit"]["vs_control"] = {k: instruments.paired_difference(
+                    rec["edit"]["per_image"][k], control["edit"]["per_image"][k]) for k in ("success", "outside_mse")}
     r["scoring_s"] = sum(c.get("eval_s", 0) for m in r["scores"].values() for c in m.values())
     r["reconstruction_s"] = sum(x.get("eval_s", 0) for x in r["reconstruction"].values())
     r["total_s"] = time.time() - s.t_start
@@ -794,18 +830,24 @@ def score_cells(s, name, models, key, real_features):
 
 def reconstruct_model(s, name, models, key, inputs):
     """Table 2's numbers of one model (cached), and its Eq. 15 figure images."""
-    images, captions, targets = inputs
+    images, captions, targets, attributes, target_colours = inputs
     scored = slice(1, None)  # image 0 is the edit figure's source, not a held-out image
 
     def compute():
         t0 = time.time()
         s.results["computed"].append(f"reconstruct {name}")
         r = reconstruct(models, images, captions, targets, s.p)
-        result = {inv: {"per_image": image_metrics(r[inv][scored], images[scored])} for inv in ("ddim", "nti")}
+        result = {inv: {"per_image": report.image_metrics(r[inv][scored], images[scored])}
+                  for inv in r if inv != "edit"}
         for inv in result:
             result[inv].update({k: float(np.mean(v)) for k, v in result[inv]["per_image"].items()})
         acc = world.caption_accuracy(r["edit"][scored], targets[scored])
-        result["edit"] = {"caption": acc["caption"], "colour": acc["colour"]}
+        kept = report.edit_scores(r["edit"][scored], images[scored], attributes[scored], target_colours[scored])
+        # the same pixel distance for the NTI reconstruction: what inverting alone costs outside the shape
+        nti = report.edit_scores(r["nti"][scored], images[scored], attributes[scored],
+                                 [a["colour"] for a in attributes[scored]])
+        result["edit"] = {"caption": acc["caption"], "colour": acc["colour"], **kept,
+                          "nti_outside_mse": nti["outside_mse"]}
         result["eval_s"] = round(time.time() - t0, 1)
         return result, {"source": images[0], "nti": r["nti"][0], "edit": r["edit"][0]}
 
@@ -818,7 +860,7 @@ def vae_optimum(s, inputs):
     """The VAE's own reconstruction of Table 2's images: what no inversion can beat."""
     vae = load(s.args.model).vae
     images = inputs[0]
-    m = image_metrics(sampler.decode_latents(vae, sampler.encode_images(vae, images))[1:], images[1:])
+    m = report.image_metrics(sampler.decode_latents(vae, sampler.encode_images(vae, images))[1:], images[1:])
     s.results["reconstruction"]["vae"] = {k: float(np.mean(v)) for k, v in m.items()}
 
 
@@ -873,6 +915,8 @@ def main(argv=None):
     protocol["instruments"] = ["fid_proxy", "kid_proxy"]  # scores cached before the KID-proxy are recomputed
     recon_protocol = {k: s.results["protocol"][k] for k in ("recon_images", "nti_inner_steps", "edit_r", "guidance")}
     recon_protocol["steps"] = max(s.p.step_counts)
+    recon_protocol["inversion_step_counts"] = list(s.p.inversion_step_counts)
+    recon_protocol["edit_scores"] = "target, kept attributes, outside_mse"  # older caches: recomputed
     reconstructed = {s.names[n] for n in s.results["tables"]["reconstruction"]} if "table2" in wanted else set()
     for name in ["base", *runs] if "base" in wanted else runs:
         lora_path, lora_key = lora_of(s, name)
