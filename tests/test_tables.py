@@ -100,20 +100,22 @@ def test_the_plan_derives_every_run_from_toy_defaults_and_the_two_forms():
         {k: v for k, v in main_job.OUR_FORM.items() if k.startswith("reg_")}
     assert plan["paper"].control == plan["ours"].control == plan["base"].control == "control"
     for form in ("paper", "ours"):
-        assert plan[f"{form}_seed1"].flags == {**plan[form].flags, "seed": 1}
-        assert plan[f"{form}_seed1"].control == "control_seed1"
+        for seed in (1, 2):  # >= 3 training seeds (issue 21)
+            assert plan[f"{form}_seed{seed}"].flags == {**plan[form].flags, "seed": seed}
+            assert plan[f"{form}_seed{seed}"].control == f"control_seed{seed}"
         for steps in FULL.lengths:
             assert plan[f"{form}_steps{steps}"].flags == {**plan[form].flags, "max_steps": steps}
             assert plan[f"{form}_steps{steps}"].control == f"control_steps{steps}"
             assert plan[f"control_steps{steps}"].flags["max_steps"] == steps
-    assert plan["control_seed1"].control == "control" and plan["control"].control is None
+    assert plan["control_seed1"].control == plan["control_seed2"].control == "control"
+    assert plan["control"].control is None
     assert [plan[f"paper_lambda{x:g}"].flags["lambda_reg"] for x in (0.1, 1, 10, 100)] == [0.1, 1.0, 10.0, 100.0]
     lam = main_job.OUR_FORM["lambda_reg"]
     assert [plan[n].flags["lambda_reg"] for n in tables.table_rows(FULL)["lambda"] if n.startswith("ours")] == \
         pytest.approx([lam / 3, lam, 3 * lam, 10 * lam])
     names = tables.canonical(plan)  # the same flags: trained and scored once
     assert names["ours_steps300"] == "ours" and names["paper_lambda1"] == "paper" and names["paper_seed1"] != "paper"
-    assert len(set(names.values())) == 19  # the base and 18 LoRA runs
+    assert len(set(names.values())) == 22  # the base and 21 LoRA runs
     for table in tables.table_rows(FULL).values():
         assert set(table) <= set(plan)
 
@@ -126,7 +128,7 @@ def test_train_py_parses_every_runs_flags_to_exactly_those_values(name):
         assert getattr(cfg, key) == value, key
     default = train.TrainConfig()  # everything else is train.py's default, hence shared by every run
     assert cfg.weight_decay == default.weight_decay and cfg.seed == flags.get("seed", default.seed) == \
-        (1 if name.endswith("seed1") else 0)
+        (int(name[-1]) if "_seed" in name else 0)
 
 
 def test_changing_our_form_in_toy_changes_the_runs_without_editing_tables(monkeypatch):
@@ -148,10 +150,10 @@ def test_changing_our_form_in_toy_changes_the_runs_without_editing_tables(monkey
 
 def test_the_estimate_counts_the_runs_steps_and_strips():
     e = tables.estimate_seconds(FULL, tables.plan_runs(FULL))
-    assert e["runs"] == 18 and e["strips"] == 19 * 4 * 64
-    # 3 runs x 2 seeds, 3 + 3 more lambdas at 300 steps; 3 runs at 1000 and at 3000 (see the docstring)
-    assert e["train_steps"] == 6 * 300 + 6 * 300 + 3 * 1000 + 3 * 3000 == 15_600
-    assert e["train_s"] == pytest.approx(0.2 * (4600 + 2 * 11000))
+    assert e["runs"] == 21 and e["strips"] == 22 * 4 * 64
+    # 3 runs x 3 seeds, 3 + 3 more lambdas at 300 steps; 3 runs at 1000 and at 3000 (see the docstring)
+    assert e["train_steps"] == 9 * 300 + 6 * 300 + 3 * 1000 + 3 * 3000 == 16_500
+    assert e["train_s"] == pytest.approx(0.2 * (4900 + 2 * 11600))
 
 
 def test_plan_prints_every_run_and_the_estimate_and_trains_nothing(capsys, monkeypatch):
@@ -159,7 +161,7 @@ def test_plan_prints_every_run_and_the_estimate_and_trains_nothing(capsys, monke
     assert tables.main(["--plan"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == len(tables.plan_runs(FULL)) + 1 and "ours_steps300 (= ours)" in "\n".join(out)
-    assert out[-1].startswith("18 LoRA runs, 15600 toy steps: ~89 min of training; 4864 strips: ~57 min")
+    assert out[-1].startswith("21 LoRA runs, 16500 toy steps: ~94 min of training; 5632 strips: ~66 min")
 
 
 def test_edit_targets_change_only_the_shape_colour_and_never_to_the_background():
@@ -292,11 +294,21 @@ def test_quick_pipeline_writes_every_table_and_figure_then_reuses_its_cache(tiny
     s = results["scores"]["ours"]
     assert s["A2"]["per_strip_istd"] != s["B2"]["per_strip_istd"] != s["B3"]["per_strip_istd"]  # four cells differ
     assert results["scores"]["ours"]["A3"] != results["scores"]["control"]["A3"]
-    assert set(results["reconstruction"]) == {"vae", "control", "paper", "ours", "base"}
-    for name in ("control", "paper", "ours", "base"):
-        for inversion in ("ddim", "nti"):
+    recon_rows = tables.table_rows(tables.QUICK)["reconstruction"]  # every seed's control and forms, the base
+    assert set(results["reconstruction"]) == {"vae", *recon_rows} >= {"control_seed2", "ours_seed2", "base"}
+    for name in recon_rows:
+        for inversion in ("ddim", "ddim_2", "nti"):  # DDIM inversion at QUICK's 3 steps and at 2
             r = results["reconstruction"][name][inversion]
             assert len(r["per_image"]["psnr"]) == tables.QUICK.recon_images and np.isfinite(r["mse"])
+        edit = results["reconstruction"][name]["edit"]
+        assert 0 <= edit["success"] <= edit["target_seen"] <= 1 and np.isfinite(edit["outside_mse"])
+        reference = plan[name].control  # ours_seed2 against control_seed2, control_seed2 against control
+        if reference is not None:
+            mine, theirs = (results["reconstruction"][n]["ddim_2"]["per_image"]["psnr"] for n in (name, reference))
+            assert results["reconstruction"][name]["ddim_2"]["psnr_vs_control"]["mean"] == \
+                pytest.approx(np.mean(mine) - np.mean(theirs))
+            assert set(edit["vs_control"]) == {"success", "outside_mse"}
+    assert all("kid_proxy" in row and "kid_vs_control" in row for row in results["rows"].values() if "reference" in row)
     md = (tmp_path / "out" / "tables.md").read_text()
     assert "pending" not in md and "`python -m toy tables --quick`" in md
     assert "### The trade-off" in md
