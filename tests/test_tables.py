@@ -311,8 +311,11 @@ def test_quick_pipeline_writes_every_table_and_figure_then_reuses_its_cache(tiny
     assert all("kid_proxy" in row and "kid_vs_control" in row for row in results["rows"].values() if "reference" in row)
     md = (tmp_path / "out" / "tables.md").read_text()
     assert "pending" not in md and "`python -m toy tables --quick`" in md
-    assert "### The trade-off" in md
-    for figure in ("interpolation.png", "edit.png", "tradeoff.png"):
+    assert "### The trade-off" in md and "### The paper's three claims" in md and "instrument's own noise" in md
+    claims = tables.claims_points(results)  # every seed's forms, each against the control of its seed
+    assert set(claims) == {f + s for f in ("paper", "ours") for s in ("", "_seed1", "_seed2")}
+    assert claims["ours_seed2"]["inversion"]["ddim"] == results["reconstruction"]["ours_seed2"]["ddim"]["psnr_vs_control"]
+    for figure in ("interpolation.png", "edit.png", "tradeoff.png", "claims.png"):
         assert Image.open(tmp_path / "out" / figure).size[0] > 100
 
     # Run again: everything comes from the cache, nothing is sampled or inverted.

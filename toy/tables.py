@@ -580,6 +580,110 @@ def tradeoff_table(results):
     return lines + [""]
 
 
+def claims_points(results):
+    """The paper's three claims for every regularized run of the seed table, against its own control:
+    the trade-off numbers (`tradeoff`) and the paired Table 2 differences: {"inversion": {"ddim_10", ...,
+    "nti": ΔPSNR dicts}, "edit": {"success", "outside_mse": Δ dicts}}. Only runs whose ISTD is complete."""
+    rows, recon, points = results["rows"], results.get("reconstruction", {}), {}
+    for name in results["tables"]["seeds"]:
+        row = rows.get(name, {})
+        if not row.get("reference") or row["run"].startswith("control") or row["run"] in points:
+            continue
+        point = tradeoff(row, rows.get(row["reference"], {}))
+        if point is None:
+            continue
+        rec = recon.get(row["run"], {})
+        point["inversion"] = {k: v["psnr_vs_control"] for k, v in rec.items()
+                              if isinstance(v, dict) and "psnr_vs_control" in v}
+        point["edit"] = rec.get("edit", {}).get("vs_control")
+        points[row["run"]] = {**point, "label": row["label"]}
+    return points
+
+
+def fmt_difference(d, digits=2, scale=1.0):
+    return "–" if d is None else f"{scale * d['mean']:+.{digits}f} ± {scale * d['se']:.{digits}f}"
+
+
+def over_seeds(values):
+    """mean ± s.e. over training seeds (std / sqrt(k)): the training noise of one command."""
+    v = [x for x in values if x is not None]
+    if len(v) < 2:
+        return "–"
+    return f"{np.mean(v):+.2f} ± {np.std(v, ddof=1) / np.sqrt(len(v)):.2f} ({len(v)} seeds)"
+
+
+def claims_table(results):
+    """Issue 21: each form at each training seed against its own control, on all three claims; then the
+    mean over seeds with its s.e. (the spread between seeds, i.e. the training noise)."""
+    points = claims_points(results)
+    steps = max(results["protocol"]["step_counts"])
+    inversions = [*(f"ddim_{n}" for n in results["protocol"].get("inversion_step_counts", ()) if n != steps),
+                  "ddim", "nti"]
+    lines = ["### The paper's three claims, seed by seed", "",
+             "Each regularized run against the lambda-0 control of its seed: claim 1 (smoother, no quality cost): "
+             "ΔISTD (mean of the 4 cells), ΔKID-proxy (paired, units of 1e-3), ΔFID-proxy and Δcaption accuracy "
+             "(relative); claim 2 (better inversion): ΔPSNR of the reconstructions (paired per image, dB); claim 3 "
+             "(better editing): Δ success of the Eq. 15 edits and Δ pixel MSE outside the shape (x1e-3), paired "
+             "per image. ± one s.e. The 'over seeds' rows: mean ± s.e. over the training seeds.", "",
+             "| run | ΔISTD | holds | ΔKID-proxy | ΔFID-proxy | Δcaption acc. | " +
+             " | ".join(f"ΔPSNR {inversion_label(k, steps)}" for k in inversions) +
+             " | Δedit success | Δoutside MSE |", "|---|" + "---|" * (7 + len(inversions))]
+    for p in points.values():
+        edit = p["edit"] or {}
+        lines.append(f"| {p['label']} | {100 * p['istd']:+.0f}% | {HOLDS[p['holds']]} | {fmt_kid_difference(p['kid'])} "
+                     f"| {100 * p['fid_proxy']:+.0f}% | {100 * p['caption_accuracy']:+.0f}% | " +
+                     " | ".join(fmt_difference(p["inversion"].get(k)) for k in inversions) +
+                     f" | {fmt_difference(edit.get('success'), 3)} | {fmt_difference(edit.get('outside_mse'), 2, 1000)} |")
+    for form in FORMS:
+        mine = [p for run, p in points.items() if run == form or run.startswith(f"{form}_seed")]
+        if len(mine) < 2:
+            continue
+        get = lambda f: [f(p) for p in mine]  # noqa: E731
+        inv = lambda k: get(lambda p: p["inversion"][k]["mean"] if k in p["inversion"] else None)  # noqa: E731
+        lines.append(f"| {FORM_LABELS[form]}, over seeds | {over_seeds(get(lambda p: 100 * p['istd']))}% | | "
+                     f"{over_seeds(get(lambda p: 1000 * p['kid']['mean'] if p['kid'] else None))} | "
+                     f"{over_seeds(get(lambda p: 100 * p['fid_proxy']))}% | "
+                     f"{over_seeds(get(lambda p: 100 * p['caption_accuracy']))}% | " +
+                     " | ".join(over_seeds(inv(k)) for k in inversions) +
+                     f" | {over_seeds(get(lambda p: p['edit']['success']['mean'] if p['edit'] else None))} | "
+                     f"{over_seeds(get(lambda p: 1000 * p['edit']['outside_mse']['mean'] if p['edit'] else None))} |")
+    return lines + ["", "![claims](claims.png)", ""]
+
+
+def instrument_noise_table(results):
+    """The KID-proxy's own noise against the training noise: each model's KID in the two disjoint sets of
+    noise pairs at the same step count (A and B: same model, other samples) beside its jackknife s.e.;
+    and the controls' KID over training seeds (same command, other seed)."""
+    steps = max(results["protocol"]["step_counts"])
+    a, b = f"A{steps}", f"B{steps}"
+    lines = ["### The quality instrument's own noise", "",
+             f"KID-proxy (units of 1e-3) of each model in cells {a} and {b} (the same model, disjoint noise pairs, "
+             f"the same real images), their difference and the s.e. the jackknife gives that difference "
+             f"(sqrt(se_A^2 + se_B^2)).", "", f"| model | KID {a} | KID {b} | {a} - {b} | jackknife s.e. of the difference |",
+             "|---|---|---|---|---|"]
+    ratios = []
+    for name, cells in results["scores"].items():
+        if "kid_proxy" not in cells.get(a, {}) or "kid_proxy" not in cells.get(b, {}):
+            continue
+        ka, kb = cells[a]["kid_proxy"], cells[b]["kid_proxy"]
+        se = float(np.hypot(ka["se"], kb["se"]))
+        ratios.append(((ka["kid"] - kb["kid"]) / se) ** 2)
+        lines.append(f"| {name} | {fmt_kid(ka['kid'], ka['se'])} | {fmt_kid(kb['kid'], kb['se'])} | "
+                     f"{1000 * (ka['kid'] - kb['kid']):+.2f} | {1000 * se:.2f} |")
+    if ratios:
+        lines += ["", f"Root mean square of (difference / its s.e.) over {len(ratios)} models: "
+                  f"{np.sqrt(np.mean(ratios)):.2f} (1 if the jackknife s.e. is right)."]
+    controls = [n for n in results["tables"]["seeds"] if n.startswith("control")]
+    kids = [results["rows"].get(n, {}).get("kid_proxy") for n in controls]
+    ses = [results["rows"].get(n, {}).get("kid_se") for n in controls]
+    if sum(k is not None for k in kids) >= 2:
+        k = [x for x in kids if x is not None]
+        lines += ["", f"Training noise: the lambda-0 control at {len(k)} seeds scores KID-proxy "
+                  + ", ".join(f"{1000 * x:.2f}" for x in k) + f" (std over seeds {1000 * np.std(k, ddof=1):.2f}; "
+                  f"the instrument's own s.e. {1000 * np.mean([x for x in ses if x is not None]):.2f})."]
+    return lines + [""]
+
+
 def header(results):
     """The paragraph above the tables: the command, the protocol, the rule and the times."""
     runs, rows = results.get("runs", {}), results["rows"]
@@ -643,6 +747,7 @@ def render_markdown(results):
                            note="The forms at seed s are paired with the control at seed s; the controls at seeds "
                                 "1, 2 with the seed-0 control (how far another training seed alone moves ISTD).")
         + tradeoff_table(results)
+        + claims_table(results) + instrument_noise_table(results)
         + figures_text(results) + runs_table(results))
 
 
@@ -694,6 +799,49 @@ def save_tradeoff_plot(path, points, target=-0.40, size=(640, 440), margin=(70, 
         pen.text((to_px(v, y0)[0] - 10, top + h + 4), f"{v:.0f}", fill="black")
     for v in np.linspace(y0, y1, 6):
         pen.text((left - 34, to_px(x0, v)[1] - 6), f"{v:.0f}", fill="black")
+    image.save(path)
+
+
+def save_claims_plot(path, points, size=(900, 380), margin=(60, 30, 20, 50)):
+    """claims.png: does the downstream gain track smoothness? One dot per regularized run (blue: the
+    paper's form, red: ours; labelled by seed), x = ISTD change vs its control (%); left panel y = ΔPSNR
+    of DDIM inversion at the largest step count (dB), right panel y = Δ edit success; bars: ± 1 s.e."""
+    panels = [("ΔPSNR, DDIM inversion (dB)", lambda p: p["inversion"].get("ddim")),
+              ("Δ edit success (fraction)", lambda p: (p["edit"] or {}).get("success"))]
+    points = {n: p for n, p in points.items() if any(get(p) for _, get in panels)}
+    if not points:
+        return
+    image = Image.new("RGB", size, "white")
+    pen = ImageDraw.Draw(image)
+    left, top, right, bottom = margin
+    w, h = size[0] // 2 - left - right, size[1] - top - bottom
+    xs = [100 * p["istd"] for p in points.values()] + [0]
+    x0, x1 = min(xs) - 5, max(xs) + 5
+    for i, (title, get) in enumerate(panels):
+        ox = i * size[0] // 2 + left
+        ds = [get(p) for p in points.values() if get(p)]
+        ys = [d["mean"] + s * d["se"] for d in ds for s in (-1, 1)] + [0]
+        y0, y1 = min(ys), max(ys)
+        y0, y1 = y0 - 0.1 * (y1 - y0 + 1e-9), y1 + 0.1 * (y1 - y0 + 1e-9)
+        to_px = lambda x, y: (ox + (x - x0) / (x1 - x0) * w, top + (y1 - y) / (y1 - y0) * h)  # noqa: E731
+        pen.rectangle([ox, top, ox + w, top + h], outline="black")
+        pen.line([to_px(x0, 0), to_px(x1, 0)], fill=(160, 160, 160))
+        pen.text((ox, 6), title, fill="black")
+        for v in np.linspace(y0, y1, 5):
+            pen.text((ox - 50, to_px(x0, v)[1] - 6), f"{v:+.2f}", fill="black")
+        for v in np.linspace(x0, x1, 5):
+            pen.text((to_px(v, y0)[0] - 10, top + h + 4), f"{v:.0f}", fill="black")
+        pen.text((ox + w // 2 - 80, size[1] - 20), "ISTD change vs control (%)", fill="black")
+        for name, p in points.items():
+            d = get(p)
+            if not d:
+                continue
+            colour = (200, 30, 30) if name.startswith("ours") else (30, 60, 200)
+            cx, cy = to_px(100 * p["istd"], d["mean"])
+            pen.line([to_px(100 * p["istd"], d["mean"] - d["se"]), to_px(100 * p["istd"], d["mean"] + d["se"])],
+                     fill=colour)
+            pen.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour)
+            pen.text((cx + 6, cy - 6), name.split("_")[-1] if "_seed" in name else "seed0", fill=colour)
     image.save(path)
 
 
@@ -790,6 +938,7 @@ def write(s):
     (s.out / "tables.md").write_text(render_markdown(r))
     save_figures(s.out, s.strips, s.edits, r["figure_rows"], {n: s.plan[n].label for n in s.plan})
     save_tradeoff_plot(s.out / "tradeoff.png", tradeoff_points(r))
+    save_claims_plot(s.out / "claims.png", claims_points(r))
 
 
 def lora_of(s, name):
