@@ -137,11 +137,11 @@ def test_frechet_distance_matches_the_closed_form():
     assert instruments.frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
 
 
-def test_train_py_without_arguments_trains_control_and_smooth_lora_and_reports_the_pair(tmp_path, monkeypatch):
+def test_train_py_without_arguments_trains_control_and_smooth_lora_and_reports_the_pair(tmp_path, monkeypatch, capsys):
     import train
 
     folder = world.prepare_data(tmp_path / "data", n=8)
-    quick = report.ReportProtocol(strips=3, steps=2, real=16, figure_strips=2)
+    quick = report.ReportProtocol(strips=3, steps=2, real=16, figure_strips=2, inversion_images=4)
     monkeypatch.setattr(report, "report", functools.partial(report.report, protocol=quick))
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     args = ["--max-steps", "2", "--batch-size", "2", "--data", str(folder), "--out", str(tmp_path / "run")]
@@ -162,6 +162,15 @@ def test_train_py_without_arguments_trains_control_and_smooth_lora_and_reports_t
     d = np.array(smooth["per_strip_istd"]) - np.array(control["per_strip_istd"])
     assert smooth["istd_vs_control"]["mean"] == pytest.approx(d.mean())
     assert smooth["istd_vs_control"]["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(3))
+    # The quality instrument (KID-proxy, jackknife s.e. over the 3 strips and the 16 real images) and
+    # Table 2's DDIM inversion of 4 real held-out images, each paired with the control.
+    assert len(smooth["kid_proxy"]["leave_out_a"]) == 3 and len(smooth["kid_proxy"]["leave_out_b"]) == 16
+    assert smooth["kid_proxy_vs_control"]["mean"] == pytest.approx(smooth["kid_proxy"]["kid"] - control["kid_proxy"]["kid"])
+    assert np.isfinite(smooth["kid_proxy"]["se"]) and smooth["kid_proxy"]["se"] > 0
+    psnr = [np.array(m["ddim_inversion"]["per_image"]["psnr"]) for m in (smooth, control)]
+    assert len(psnr[0]) == 4 and smooth["ddim_inversion_psnr_vs_control"]["mean"] == pytest.approx((psnr[0] - psnr[1]).mean())
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("ISTD on held-out prompts")][-1]
+    assert "FID-proxy" in line and "KID-proxy" in line and "DDIM inversion PSNR" in line and "4 real held-out images" in line
     from PIL import Image
     figure = Image.open(tmp_path / "run" / "interpolation_before_after.png")  # 2 strips x 2 models, 4x frames
     assert figure.size[1] == 2 * 2 * 4 * world.RESOLUTION and figure.size[0] > 11 * 4 * world.RESOLUTION

@@ -157,15 +157,15 @@ def kid(features_a, features_b, groups_a=None):
     away the cross terms between subsets and need a subset size; the jackknife uses every pair and is
     O(M^2 + N^2 + M N) from three kernel sums.
     Returns {"kid", "se", "leave_out_a" (the estimate without each group of a, in group order),
-    "leave_out_b" (without each row of b)}: two models scored against the same real images with the
+    "leave_out_b" (without each row of b)}; the s.e. is NaN for a single group. Two models scored against the same real images with the
     same groups can be compared by `kid_difference`.
     """
     a, b = np.asarray(features_a, dtype=np.float64), np.asarray(features_b, dtype=np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 3:
         raise ValueError(f"expected two [N, D] feature arrays with the same D and N >= 3, got {a.shape} and {b.shape}.")
     groups = np.arange(len(a)) if groups_a is None else np.asarray(groups_a)
-    if groups.shape != (len(a),) or len(np.unique(groups)) < 2:
-        raise ValueError(f"groups_a needs one label per row of a and at least 2 groups, got shape {groups.shape}.")
+    if groups.shape != (len(a),):
+        raise ValueError(f"groups_a needs one label per row of a, got shape {groups.shape} for {len(a)} rows.")
     m, n = len(a), len(b)
     k_aa, k_bb, k_ab = polynomial_kernel(a, a), polynomial_kernel(b, b), polynomial_kernel(a, b)
     np.fill_diagonal(k_aa, 0)
@@ -174,6 +174,8 @@ def kid(features_a, features_b, groups_a=None):
     value = s_aa / (m * (m - 1)) + s_bb / (n * (n - 1)) - 2 * s_ab / (m * n)
     # Without group g of a (size c_g): the pairs inside the rest, the cross pairs of the rest.
     labels, index = np.unique(groups, return_inverse=True)
+    if len(labels) < 2:  # one strip: no jackknife over the samples, so no standard error
+        return {"kid": float(value), "se": float("nan"), "leave_out_a": [], "leave_out_b": []}
     member = np.zeros((m, len(labels)))
     member[np.arange(m), index] = 1
     c = member.sum(0)

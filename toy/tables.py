@@ -1,14 +1,15 @@
 """The paper's tables in miniature, on the toy world, by one command (Smooth Diffusion, Sec. 4).
 
-    python -m toy tables            # 18 LoRA runs + every evaluation; 2 idle CPU cores, ~1.5 hours
+    python -m toy tables            # 21 LoRA runs + every evaluation; 2 idle CPU cores, ~2 hours
     python -m toy tables --quick    # the same pipeline with tiny step counts (a smoke test, minutes)
     python -m toy tables --plan     # print the runs, their train.py flags and the time estimate; run nothing
 
 The runs (`plan_runs`), every one derived from toy/main_job.py, so that changing `main_job.OUR_FORM` or
 `main_job.TRAIN_DEFAULTS` changes the tables without editing this file:
   * the control (lambda 0: the same fine-tune without the regularizer), the paper's form
-    (`main_job.PAPER_FORM`) and ours (`main_job.OUR_FORM`), at seed 0 and at seed 1 (the seed-1 forms are paired
-    with the seed-1 control, the seed-1 control with the seed-0 one: what another seed alone does);
+    (`main_job.PAPER_FORM`) and ours (`main_job.OUR_FORM`), at training seeds 0, 1 and 2 (the forms at seed s
+    are paired with the control at seed s, the controls at seeds 1, 2 with the seed-0 one: what another seed
+    alone does);
   * a lambda curve for each form: the paper's form at lambda 0.1, 1, 10, 100; ours at 1/3, 1, 3 and 10 times
     OUR_FORM's lambda (10: past the quality budget, to show the whole trade-off);
   * fine-tune length: control, paper's form and ours at max_steps 300, 1000 and 3000, each paired with
@@ -25,21 +26,24 @@ and `sampler.noise_pair(set_seed + k)`. Every model sees the same strips as its 
 four (set, steps) cells gives a paired difference (mean +- s.e. over 64 strips, `instruments.
 paired_difference`), reported relative to the control's mean ISTD. A claim HOLDS only if the paired
 difference has the same sign and |mean| > 2 s.e. in all four cells (`holds`). Beside ISTD, from set A at
-50 steps: the mean adjacent distance, caption accuracy and the FID-proxy (`report.score_strips`).
-Table 2 (reconstruction of real held-out images by DDIM inversion and null-text inversion, Eq. 15
-edits) is measured for the base, the control, the paper's form and ours at 50 steps.
+50 steps: the mean adjacent distance, caption accuracy, the FID-proxy and the KID-proxy with its s.e.
+(`report.score_strips`; the KID-proxy of set B at 50 steps measures the instrument's own noise).
+Table 2 (reconstruction of real held-out images by DDIM inversion at 10, 20 and 50 steps and by null-text
+inversion at 50; Eq. 15 edits scored on what changed and what stayed, `report.edit_scores`) is measured
+for the base and every seed's control and forms, each paired with its control; "The paper's three
+claims" puts the three side by side for every seed (and claims.png).
 Dropped from the earlier tables (each a full run for a question these tables do not ask): LoRA rank
 4/16 (Table 4), --reg-mode fd, --reg-every 4, --reg-batch-frac 0.5.
 
 Cost of the full command from scratch (`estimate_seconds`, printed by `--plan` for the current toy world;
 300 toy steps ~60 s at 1 thread on an idle machine, a regularized step ~2x a plain one, 64 strips at 50
 DDIM steps ~1 min and at 25 steps ~0.5 min):
-  * 18 distinct LoRA runs (23 in the plan, 5 of them the same runs under another name) = 15,600 toy steps,
-    4,600 plain and 11,000 regularized: ~89 min of training;
-  * 19 models (the base and the 18 runs) x 4 cells x 64 strips = 4,864 strips of 11 frames, ~3 min per
-    model: ~57 min of sampling;
-  * Table 2: 4 models x 32 images through DDIM inversion and null-text inversion: ~10 min.
-So ~2.5 hours of one core; training runs in a background process beside the scoring, so on 2 idle cores
+  * 21 distinct LoRA runs (26 in the plan, 5 of them the same runs under another name) = 16,500 toy steps,
+    4,900 plain and 11,600 regularized: ~94 min of training;
+  * 22 models (the base and the 21 runs) x 4 cells x 64 strips = 5,632 strips of 11 frames, ~3 min per
+    model: ~66 min of sampling;
+  * Table 2: 10 models x 32 images through DDIM inversion and null-text inversion: ~25 min.
+So ~3 hours of one core; training runs in a background process beside the scoring, so on 2 idle cores
 the wall time is about the training's ~1.5 hours (longer on a busy machine).
 
 Everything is written to `OUT/results.json` and `OUT/tables.md` after every model it scores. LoRA runs and
@@ -344,7 +348,7 @@ def recon_inputs(p):
     (only these are scored; `report.inversion_inputs`). Returns (images01, captions, edit targets, the
     attribute dicts, the target colours)."""
     images, captions, attributes = report.inversion_inputs(p.recon_images)
-    images = torch.cat([instruments.images01(world.draw(EDIT_SOURCE)[None]), images])
+    images = torch.cat([instruments.images01(np.array(world.draw(EDIT_SOURCE)[None])), images])
     attributes = [EDIT_SOURCE, *attributes]
     targets = [world.caption({**EDIT_SOURCE, "colour": EDIT_TARGET_COLOUR})] + [edit_target(a) for a in attributes[1:]]
     return (images, [world.caption(EDIT_SOURCE), *captions], targets, attributes,
@@ -604,12 +608,12 @@ def fmt_difference(d, digits=2, scale=1.0):
     return "–" if d is None else f"{scale * d['mean']:+.{digits}f} ± {scale * d['se']:.{digits}f}"
 
 
-def over_seeds(values):
+def over_seeds(values, unit=""):
     """mean ± s.e. over training seeds (std / sqrt(k)): the training noise of one command."""
     v = [x for x in values if x is not None]
     if len(v) < 2:
         return "–"
-    return f"{np.mean(v):+.2f} ± {np.std(v, ddof=1) / np.sqrt(len(v)):.2f} ({len(v)} seeds)"
+    return f"{np.mean(v):+.2f}{unit} ± {np.std(v, ddof=1) / np.sqrt(len(v)):.2f}{unit} ({len(v)} seeds)"
 
 
 def claims_table(results):
@@ -640,10 +644,10 @@ def claims_table(results):
             continue
         get = lambda f: [f(p) for p in mine]  # noqa: E731
         inv = lambda k: get(lambda p: p["inversion"][k]["mean"] if k in p["inversion"] else None)  # noqa: E731
-        lines.append(f"| {FORM_LABELS[form]}, over seeds | {over_seeds(get(lambda p: 100 * p['istd']))}% | | "
+        lines.append(f"| {FORM_LABELS[form]}, over seeds | {over_seeds(get(lambda p: 100 * p['istd']), '%')} | | "
                      f"{over_seeds(get(lambda p: 1000 * p['kid']['mean'] if p['kid'] else None))} | "
-                     f"{over_seeds(get(lambda p: 100 * p['fid_proxy']))}% | "
-                     f"{over_seeds(get(lambda p: 100 * p['caption_accuracy']))}% | " +
+                     f"{over_seeds(get(lambda p: 100 * p['fid_proxy']), '%')} | "
+                     f"{over_seeds(get(lambda p: 100 * p['caption_accuracy']), '%')} | " +
                      " | ".join(over_seeds(inv(k)) for k in inversions) +
                      f" | {over_seeds(get(lambda p: p['edit']['success']['mean'] if p['edit'] else None))} | "
                      f"{over_seeds(get(lambda p: 1000 * p['edit']['outside_mse']['mean'] if p['edit'] else None))} |")
@@ -957,7 +961,9 @@ def lora_of(s, name):
 
 
 def score_cells(s, name, models, key, real_features):
-    """ISTD and the proxies of one model in every cell (each cached on its own)."""
+    """ISTD and the proxies of one model in every cell (each cached on its own, with the first strips for the
+    figures and every frame's classifier features, [strips * frames, 128], for later checks of the
+    quality instrument: `cell_features`)."""
     s.results["scores"].setdefault(name, {})
     for cell in s.p.cells:
         _, seed, steps = cell
@@ -966,15 +972,22 @@ def score_cells(s, name, models, key, real_features):
             t0 = time.time()
             s.results["computed"].append(f"score {name} {cell_name(cell)}")
             strips = sample_strips(models, s.results["prompts"], s.p, seed=seed, steps=steps)
+            features = torch.as_tensor(instruments.features(strips.flatten(0, 1), world.load_classifier()))
             return {**report.score_strips(strips, s.results["prompts"], real_features),
-                    "eval_s": round(time.time() - t0, 1)}, strips[:3].clone()
+                    "eval_s": round(time.time() - t0, 1)}, {"strips": strips[:3].clone(), "features": features.float()}
 
         cell_key = {**key, "cell": [seed, steps]}
         score, first = cached(s.cache / name / f"scores_{cell_name(cell)}.json", cell_key, compute)
         s.results["scores"][name][cell_name(cell)] = score
         if cell == s.p.quality_cell:
-            s.strips[name] = first
+            s.strips[name] = first["strips"]
         print(f"[tables] {name} {cell_name(cell)}: ISTD {score['istd']:.4f} ({score['eval_s']:.0f} s)", flush=True)
+
+
+def cell_features(cache, name, cell):
+    """The classifier features [strips * frames, 128] of every frame one model sampled in one cell
+    ("A50", ...), from the cache of `score_cells` (frames of strip k at rows k * frames ...)."""
+    return torch.load(Path(cache) / name / f"scores_{cell}.pt", weights_only=True)["features"].double().numpy()
 
 
 def reconstruct_model(s, name, models, key, inputs):
@@ -1061,7 +1074,7 @@ def main(argv=None):
     inputs = recon_inputs(s.p)
     vae_optimum(s, inputs)
     protocol = {k: v for k, v in s.results["protocol"].items() if k in ("strips", "frames", "guidance", "real")}
-    protocol["instruments"] = ["fid_proxy", "kid_proxy"]  # scores cached before the KID-proxy are recomputed
+    protocol["instruments"] = ["fid_proxy", "kid_proxy", "features"]  # older cached scores are recomputed
     recon_protocol = {k: s.results["protocol"][k] for k in ("recon_images", "nti_inner_steps", "edit_r", "guidance")}
     recon_protocol["steps"] = max(s.p.step_counts)
     recon_protocol["inversion_step_counts"] = list(s.p.inversion_step_counts)
