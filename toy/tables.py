@@ -534,15 +534,17 @@ def relative_change(value, reference):
 def tradeoff(row, control_row):
     """A regularized run against its control: ISTD change (mean of the four cells' relative paired
     differences, and the cell nearest zero), FID-proxy and caption-accuracy change (relative), and
-    whether both quality proxies stay within QUALITY_BUDGET. None while a number is pending."""
+    whether both quality proxies stay within QUALITY_BUDGET; "cells": how many cells the ISTD change is the
+    mean of (fewer than 4 with --cells; `holds` is then None). None while the quality cell is pending."""
     diffs = row.get("istd_vs_control") or {}
-    if len(diffs) < 4 or "fid_proxy" not in row or "fid_proxy" not in control_row:
+    if not diffs or "fid_proxy" not in row or "fid_proxy" not in control_row:
         return None
     relative = [d["relative"] for d in diffs.values()]
     fid = relative_change(row["fid_proxy"], control_row["fid_proxy"])  # higher is worse
     caption = relative_change(row["caption_accuracy"], control_row["caption_accuracy"])  # lower is worse
     kid = row.get("kid_vs_control")  # higher is worse; within 2 s.e. of the control: no measurable cost
-    return {"istd": float(np.mean(relative)), "istd_nearest_zero": min(relative, key=abs), "fid_proxy": fid,
+    return {"istd": float(np.mean(relative)), "istd_nearest_zero": min(relative, key=abs), "cells": len(relative),
+            "fid_proxy": fid,
             "caption_accuracy": caption, "holds": row["holds"],
             "within_budget": fid <= QUALITY_BUDGET and caption >= -QUALITY_BUDGET,
             "kid": kid, "kid_within_2se": None if kid is None else kid["mean"] <= 2 * kid["se"]}
@@ -634,7 +636,8 @@ def claims_table(results):
              " | Δedit success | Δoutside MSE |", "|---|" + "---|" * (7 + len(inversions))]
     for p in points.values():
         edit = p["edit"] or {}
-        lines.append(f"| {p['label']} | {100 * p['istd']:+.0f}% | {HOLDS[p['holds']]} | {fmt_kid_difference(p['kid'])} "
+        cells = "" if p["cells"] == 4 else f" ({p['cells']} cell{'s' * (p['cells'] > 1)})"
+        lines.append(f"| {p['label']} | {100 * p['istd']:+.0f}%{cells} | {HOLDS[p['holds']]} | {fmt_kid_difference(p['kid'])} "
                      f"| {100 * p['fid_proxy']:+.0f}% | {100 * p['caption_accuracy']:+.0f}% | " +
                      " | ".join(fmt_difference(p["inversion"].get(k)) for k in inversions) +
                      f" | {fmt_difference(edit.get('success'), 3)} | {fmt_difference(edit.get('outside_mse'), 2, 1000)} |")
@@ -862,6 +865,9 @@ def parse_args(argv):
     parser.add_argument("--model", default=str(world.MODEL_DIR), help="the base model (default: the toy SD)")
     parser.add_argument("--data", default=str(ROOT / "data" / "toy"), help="training images (world.prepare_data)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, here and in each train.py")
+    parser.add_argument("--cells", nargs="+", default=None, metavar="CELL",
+                        help="score only these cells (e.g. A50, the quality cell); the others stay 'pending' and "
+                             "no row 'holds' (default: all four)")
     parser.add_argument("--runs", nargs="+", default=None, metavar="NAME",
                         help="only these runs of --plan (and the controls they are paired with); add 'base' for "
                              "the base model's row and 'table2' for the reconstructions; the other rows stay "
@@ -966,6 +972,8 @@ def score_cells(s, name, models, key, real_features):
     quality instrument: `cell_features`)."""
     s.results["scores"].setdefault(name, {})
     for cell in s.p.cells:
+        if s.args.cells and cell_name(cell) not in s.args.cells:
+            continue
         _, seed, steps = cell
 
         def compute():
@@ -1056,6 +1064,10 @@ def main(argv=None):
         raise SystemExit(f"python -m toy tables: error: no model at {args.model}; build it with `python -m toy pretrain`.")
     torch.set_num_threads(args.threads)
     s = start(args)
+    unknown = sorted(set(args.cells or ()) - {cell_name(c) for c in s.p.cells})
+    if unknown:
+        raise SystemExit(f"python -m toy tables: error: --cells {' '.join(unknown)}: the cells are "
+                         f"{', '.join(cell_name(c) for c in s.p.cells)}.")
     s.out.mkdir(parents=True, exist_ok=True)
     try:
         world.prepare_data(args.data)

@@ -1,0 +1,132 @@
+"""Why a claim does or does not hold, with numbers (issue 21): checks of the quality instrument and of
+where DDIM inversion errs.
+
+    python -m toy.diagnose instrument --cache runs/tables --runs control ours     # FID vs KID against n
+    python -m toy.diagnose inversion --cache runs/tables --runs control ours      # DDIM inversion, step by step
+
+`instrument`: the FID-proxy and the KID-proxy of one model's frames (cached by `python -m toy tables`,
+`tables.cell_features`) at 8, 24 and 64 strips against 500 and 1000 real held-out images: a biased
+estimator moves with n, an unbiased one does not (beyond its s.e.).
+
+`inversion`: DDIM inversion (Eq. 4) steps from x_{t-s} to x_t with eps(x_{t-s}, t); sampling steps back
+with eps(x_t, t). The round trip of one step errs by |c_t| ||eps(x_t, t) - eps(x_{t-s}, t)||, with
+c_t = sqrt(1 - abar_{t-s}) - sqrt(abar_{t-s} (1 - abar_t) / abar_t): the error is how much eps changes ALONG
+the trajectory, d = x_t - x_{t-s}. Eq. 10 regularizes the variation in a RANDOM direction. For each step
+this measures, on validation images (training triples, not held-out ones): the round trip's error, the
+gain of eps along the trajectory ||eps(x_t) - eps(x_{t-s})|| / ||d||, and the gain in a random direction
+of the same length; so whether a LoRA that lowers the random gain (what Eq. 10 penalizes) also lowers the
+one the inversion error depends on.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from toy import instruments, world
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def instrument_sample_size(features, real_features, frames=11, strip_counts=(8, 24, 64), real_counts=(500, 1000)):
+    """FID-proxy and KID-proxy (± s.e.) of the first n strips' frames against the first m real images, for
+    every n in strip_counts and m in real_counts: [{"strips", "real", "fid", "kid", "kid_se"}]."""
+    out = []
+    for n in strip_counts:
+        a = features[:n * frames]
+        for m in real_counts:
+            k = instruments.kid(a, real_features[:m], groups_a=np.repeat(np.arange(n), frames))
+            out.append({"strips": n, "real": m, "fid": instruments.frechet_distance(a, real_features[:m]),
+                        "kid": k["kid"], "kid_se": k["se"]})
+    return out
+
+
+@torch.no_grad()
+def inversion_steps(models, images01, captions, steps=50, seed=0):
+    """Per DDIM step k (timestep t_k, ascending) of the inversion of images01: the round-trip error (latent
+    RMS), the gain of eps along the trajectory and in a random direction of the same length (per image).
+    Returns {"t": [steps], "round_trip", "gain_trajectory", "gain_random": [steps, B]}."""
+    import sampler
+
+    schedule = sampler.make_schedule(models.scheduler_config)
+    unet, stride = models.unet, schedule.num_train_timesteps // steps
+    cond = models.encode_prompt(captions)
+    trajectory = sampler.ddim_inversion_trajectory(unet, sampler.encode_images(models.vae, images01), cond,
+                                                   steps=steps, schedule=schedule, progress=False)
+    g = torch.Generator().manual_seed(seed)
+    rms = lambda x: x.flatten(1).norm(dim=1) / x[0].numel() ** 0.5  # noqa: E731
+    out = {"t": [], "round_trip": [], "gain_trajectory": [], "gain_random": []}
+    for k, t in enumerate(sampler.ddim_timesteps(steps, schedule).flip(0).tolist(), start=1):
+        below, here = trajectory[k - 1], trajectory[k]
+        eps_here = unet(here, sampler._timestep(t, here), cond)
+        eps_below = unet(below, sampler._timestep(t, below), cond)  # what the inversion step used
+        back = sampler.ddim_step(here, eps_here, sampler._abar(schedule, t), sampler._abar(schedule, t - stride))
+        d = here - below
+        u = torch.randn(d.shape, generator=g)
+        u = u * (d.flatten(1).norm(dim=1) / u.flatten(1).norm(dim=1)).view(-1, 1, 1, 1)
+        eps_random = unet(below + u, sampler._timestep(t, below), cond)
+        out["t"].append(t)
+        out["round_trip"].append(rms(back - below).tolist())
+        out["gain_trajectory"].append(((eps_here - eps_below).flatten(1).norm(dim=1) / d.flatten(1).norm(dim=1)).tolist())
+        out["gain_random"].append(((eps_random - eps_below).flatten(1).norm(dim=1) / d.flatten(1).norm(dim=1)).tolist())
+    return out
+
+
+def summarize_steps(result, buckets=5):
+    """Means over images and over `buckets` equal ranges of steps (low t first)."""
+    t = np.array(result["t"])
+    rows = []
+    for chunk in np.array_split(np.arange(len(t)), buckets):
+        row = {"t": f"{t[chunk[0]]}-{t[chunk[-1]]}"}
+        for key in ("round_trip", "gain_trajectory", "gain_random"):
+            row[key] = float(np.mean(np.array(result[key])[chunk]))
+        rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m toy.diagnose", description=__doc__.split("\n")[0])
+    parser.add_argument("check", choices=("instrument", "inversion"))
+    parser.add_argument("--cache", default="runs/tables", help="the tables' cache (LoRAs, cached scores)")
+    parser.add_argument("--runs", nargs="+", default=["control", "ours"])
+    parser.add_argument("--cell", default="A50", help="instrument: the cell whose frames are scored")
+    parser.add_argument("--images", type=int, default=16, help="inversion: validation images")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--out", default=None, help="write the numbers as JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    cache, results = Path(args.cache), {}
+    for run in args.runs:
+        if not (cache / run).is_dir():
+            raise SystemExit(f"python -m toy.diagnose: error: no run {run!r} in {cache}; run `python -m toy tables` first.")
+    if args.check == "instrument":
+        from toy import tables
+
+        real, _ = world.make_images(1000, seed=7, split="heldout")  # the tables' real set (and the report's first 500)
+        real_features = instruments.features(instruments.images01(real), world.load_classifier())
+        for run in args.runs:
+            results[run] = instrument_sample_size(tables.cell_features(cache, run, args.cell), real_features)
+            for r in results[run]:
+                print(f"{run} {args.cell}: {r['strips']:2d} strips vs {r['real']:4d} real: FID-proxy {r['fid']:7.2f}, "
+                      f"KID-proxy {1000 * r['kid']:6.2f} +- {1000 * r['kid_se']:.2f} (x1e-3)", flush=True)
+    else:
+        from toy import tables
+
+        images, attributes = world.make_images(args.images, seed=31, split="train")  # validation: training triples
+        for run in args.runs:
+            lora_path = None if run == "base" else cache / run / "smooth_lora.safetensors"
+            models = tables.load(str(world.MODEL_DIR), lora_path)
+            results[run] = inversion_steps(models, instruments.images01(images), [world.caption(a) for a in attributes],
+                                           steps=args.steps)
+            for row in summarize_steps(results[run]):
+                print(f"{run} t {row['t']}: round-trip error {row['round_trip']:.5f}, eps gain along the trajectory "
+                      f"{row['gain_trajectory']:.3f}, in a random direction {row['gain_random']:.3f}", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
