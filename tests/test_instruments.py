@@ -117,3 +117,23 @@ def test_edit_scores_read_what_changed_and_what_stayed_on_drawn_edits():
     mask = report.outside_shape(sources[0])
     a = sources[0]
     assert not mask[int(a["cy"]), int(a["cx"])] and mask.sum() < 32 * 32 - np.pi * a["r"] ** 2 * 0.5
+
+
+def test_a_ddim_inversion_steps_round_trip_error_is_c_t_times_the_change_of_eps_along_the_trajectory():
+    """toy/diagnose.py's decomposition: sampling back one inverted step errs by exactly
+    |sqrt(1 - abar_s) - sqrt(abar_s (1 - abar_t) / abar_t)| ||eps(x_t, t) - eps(x_s, t)|| (s = t - stride)."""
+    import sampler
+    from toy import diagnose, tables, world
+
+    models = tables.load(world.MODEL_DIR)
+    images, attributes = world.make_images(2, seed=3)
+    r = diagnose.inversion_steps(models, instruments.images01(np.array(images)), [world.caption(a) for a in attributes],
+                                 steps=4)
+    schedule = sampler.make_schedule(models.scheduler_config)
+    assert r["t"] == sorted(r["t"]) and len(r["t"]) == 4
+    for k, t in enumerate(r["t"]):
+        at, ap = (float(sampler._abar(schedule, x)) for x in (t, t - 250))
+        c = abs((1 - ap) ** 0.5 - (ap * (1 - at) / at) ** 0.5)
+        expected = c * np.array(r["gain_trajectory"][k]) * np.array(r["step"][k])
+        assert np.allclose(r["round_trip"][k], expected, rtol=1e-3), (t, r["round_trip"][k], expected)
+    assert np.all(np.array(r["gain_random"]) > 0)

@@ -34,7 +34,7 @@ def instrument_sample_size(features, real_features, frames=11, strip_counts=(8, 
     """FID-proxy and KID-proxy (± s.e.) of the first n strips' frames against the first m real images, for
     every n in strip_counts and m in real_counts: [{"strips", "real", "fid", "kid", "kid_se"}]."""
     out = []
-    for n in strip_counts:
+    for n in (n for n in strip_counts if n * frames <= len(features)):
         a = features[:n * frames]
         for m in real_counts:
             k = instruments.kid(a, real_features[:m], groups_a=np.repeat(np.arange(n), frames))
@@ -43,11 +43,29 @@ def instrument_sample_size(features, real_features, frames=11, strip_counts=(8, 
     return out
 
 
+def disjoint_halves(features, real_features, frames=11, prompts=24):
+    """The instrument's own noise on one model: the KID-proxy of strips 0..23 against real images 0..499
+    and of strips 24..47 against real images 500..999 (every held-out prompt once in each half; no noise
+    pair, no real image shared), their difference and the s.e. the jackknife gives it."""
+    if len(features) < 2 * prompts * frames:
+        return None
+    halves = []
+    for h in range(2):
+        a = features[h * prompts * frames:(h + 1) * prompts * frames]
+        b = real_features[h * len(real_features) // 2:(h + 1) * len(real_features) // 2]
+        halves.append(instruments.kid(a, b, groups_a=np.repeat(np.arange(prompts), frames)))
+    return {"kid": [k["kid"] for k in halves], "se": [k["se"] for k in halves],
+            "difference": halves[0]["kid"] - halves[1]["kid"], "difference_se": float(np.hypot(*[k["se"] for k in halves])),
+            "fid": [instruments.frechet_distance(features[h * prompts * frames:(h + 1) * prompts * frames],
+                                                 real_features[h * len(real_features) // 2:(h + 1) * len(real_features) // 2])
+                    for h in range(2)]}
+
+
 @torch.no_grad()
 def inversion_steps(models, images01, captions, steps=50, seed=0):
     """Per DDIM step k (timestep t_k, ascending) of the inversion of images01: the round-trip error (latent
     RMS), the gain of eps along the trajectory and in a random direction of the same length (per image).
-    Returns {"t": [steps], "round_trip", "gain_trajectory", "gain_random": [steps, B]}."""
+    Returns {"t": [steps], "round_trip", "step" (RMS of d), "gain_trajectory", "gain_random": [steps, B]}."""
     import sampler
 
     schedule = sampler.make_schedule(models.scheduler_config)
@@ -57,7 +75,7 @@ def inversion_steps(models, images01, captions, steps=50, seed=0):
                                                    steps=steps, schedule=schedule, progress=False)
     g = torch.Generator().manual_seed(seed)
     rms = lambda x: x.flatten(1).norm(dim=1) / x[0].numel() ** 0.5  # noqa: E731
-    out = {"t": [], "round_trip": [], "gain_trajectory": [], "gain_random": []}
+    out = {"t": [], "round_trip": [], "step": [], "gain_trajectory": [], "gain_random": []}
     for k, t in enumerate(sampler.ddim_timesteps(steps, schedule).flip(0).tolist(), start=1):
         below, here = trajectory[k - 1], trajectory[k]
         eps_here = unet(here, sampler._timestep(t, here), cond)
@@ -69,6 +87,7 @@ def inversion_steps(models, images01, captions, steps=50, seed=0):
         eps_random = unet(below + u, sampler._timestep(t, below), cond)
         out["t"].append(t)
         out["round_trip"].append(rms(back - below).tolist())
+        out["step"].append(rms(d).tolist())
         out["gain_trajectory"].append(((eps_here - eps_below).flatten(1).norm(dim=1) / d.flatten(1).norm(dim=1)).tolist())
         out["gain_random"].append(((eps_random - eps_below).flatten(1).norm(dim=1) / d.flatten(1).norm(dim=1)).tolist())
     return out
@@ -107,10 +126,19 @@ def main(argv=None):
         real, _ = world.make_images(1000, seed=7, split="heldout")  # the tables' real set (and the report's first 500)
         real_features = instruments.features(instruments.images01(real), world.load_classifier())
         for run in args.runs:
-            results[run] = instrument_sample_size(tables.cell_features(cache, run, args.cell), real_features)
-            for r in results[run]:
+            features = tables.cell_features(cache, run, args.cell)
+            results[run] = {"sample_size": instrument_sample_size(features, real_features),
+                            "halves": disjoint_halves(features, real_features)}
+            for r in results[run]["sample_size"]:
                 print(f"{run} {args.cell}: {r['strips']:2d} strips vs {r['real']:4d} real: FID-proxy {r['fid']:7.2f}, "
                       f"KID-proxy {1000 * r['kid']:6.2f} +- {1000 * r['kid_se']:.2f} (x1e-3)", flush=True)
+            h = results[run]["halves"]
+            if h is None:
+                continue  # fewer than 48 strips
+            print(f"{run} {args.cell}: disjoint halves (24 strips vs 500 real each): KID-proxy {1000 * h['kid'][0]:.2f} +- "
+                  f"{1000 * h['se'][0]:.2f} and {1000 * h['kid'][1]:.2f} +- {1000 * h['se'][1]:.2f}, difference "
+                  f"{1000 * h['difference']:+.2f} +- {1000 * h['difference_se']:.2f}; FID-proxy {h['fid'][0]:.2f} and "
+                  f"{h['fid'][1]:.2f}", flush=True)
     else:
         from toy import tables
 
