@@ -5,7 +5,8 @@ where DDIM inversion errs.
     python -m toy.diagnose inversion --cache runs/tables --runs control ours      # DDIM inversion, step by step
 
 `instrument`: the FID-proxy and the KID-proxy of one model's frames (cached by `python -m toy tables`,
-`tables.cell_features`) at 8, 24 and 64 strips against 500 and 1000 real held-out images: a biased
+`tables.cell_features`) at 24, 48 and 64 strips (strip k samples prompt k mod 24: fewer than 24 strips
+would miss prompts the real set has) against 500 and 1000 real held-out images: a biased
 estimator moves with n, an unbiased one does not (beyond its s.e.).
 
 `inversion`: DDIM inversion (Eq. 4) steps from x_{t-s} to x_t with eps(x_{t-s}, t); sampling steps back
@@ -30,7 +31,7 @@ from toy import instruments, world
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def instrument_sample_size(features, real_features, frames=11, strip_counts=(8, 24, 64), real_counts=(500, 1000)):
+def instrument_sample_size(features, real_features, frames=11, strip_counts=(24, 48, 64), real_counts=(500, 1000)):
     """FID-proxy and KID-proxy (± s.e.) of the first n strips' frames against the first m real images, for
     every n in strip_counts and m in real_counts: [{"strips", "real", "fid", "kid", "kid_se"}]."""
     out = []
@@ -131,13 +132,13 @@ def main(argv=None):
                             "halves": disjoint_halves(features, real_features)}
             for r in results[run]["sample_size"]:
                 print(f"{run} {args.cell}: {r['strips']:2d} strips vs {r['real']:4d} real: FID-proxy {r['fid']:7.2f}, "
-                      f"KID-proxy {1000 * r['kid']:6.2f} +- {1000 * r['kid_se']:.2f} (x1e-3)", flush=True)
+                      f"KID-proxy {r['kid']:6.2f} +- {r['kid_se']:.2f}", flush=True)
             h = results[run]["halves"]
             if h is None:
                 continue  # fewer than 48 strips
-            print(f"{run} {args.cell}: disjoint halves (24 strips vs 500 real each): KID-proxy {1000 * h['kid'][0]:.2f} +- "
-                  f"{1000 * h['se'][0]:.2f} and {1000 * h['kid'][1]:.2f} +- {1000 * h['se'][1]:.2f}, difference "
-                  f"{1000 * h['difference']:+.2f} +- {1000 * h['difference_se']:.2f}; FID-proxy {h['fid'][0]:.2f} and "
+            print(f"{run} {args.cell}: disjoint halves (24 strips vs 500 real each): KID-proxy {h['kid'][0]:.2f} +- "
+                  f"{h['se'][0]:.2f} and {h['kid'][1]:.2f} +- {h['se'][1]:.2f}, difference "
+                  f"{h['difference']:+.2f} +- {h['difference_se']:.2f}; FID-proxy {h['fid'][0]:.2f} and "
                   f"{h['fid'][1]:.2f}", flush=True)
     else:
         from toy import tables

@@ -431,11 +431,11 @@ def fmt_relative(d):
 
 
 def fmt_kid(value, se):
-    return "–" if value is None else f"{1000 * value:.2f} ± {1000 * se:.2f}"  # in units of 1e-3
+    return "–" if value is None else f"{value:.2f} ± {se:.2f}"
 
 
 def fmt_kid_difference(d):
-    return "" if d is None else f"{1000 * d['mean']:+.2f} ± {1000 * d['se']:.2f}"
+    return "" if d is None else f"{d['mean']:+.2f} ± {d['se']:.2f}"
 
 
 HOLDS = {1: "yes: higher", -1: "yes: lower", 0: "no", None: "pending"}
@@ -574,7 +574,7 @@ def tradeoff_table(results):
              f"changes in cell {results['quality_cell']}; 'within budget': FID-proxy at most "
              f"{100 * QUALITY_BUDGET:.0f}% higher and caption accuracy at most {100 * QUALITY_BUDGET:.0f}% lower "
              "than the control's. ΔKID-proxy: the paired difference to the control (jackknife s.e. over strips "
-             "and real images, units of 1e-3); 'KID within 2 s.e.': not worse than the control by more than 2 s.e. "
+             "and real images); 'KID within 2 s.e.': not worse than the control by more than 2 s.e. "
              "Plotted in [tradeoff.png](tradeoff.png).", "",
              "| run | ΔISTD (mean of 4 cells) | weakest cell | holds in all 4 cells | ΔFID-proxy | Δcaption accuracy "
              "| within budget | ΔKID-proxy (paired) | KID within 2 s.e. |", "|---|---|---|---|---|---|---|---|---|"]
@@ -627,7 +627,7 @@ def claims_table(results):
                   "ddim", "nti"]
     lines = ["### The paper's three claims, seed by seed", "",
              "Each regularized run against the lambda-0 control of its seed: claim 1 (smoother, no quality cost): "
-             "ΔISTD (mean of the 4 cells), ΔKID-proxy (paired, units of 1e-3), ΔFID-proxy and Δcaption accuracy "
+             "ΔISTD (mean of the 4 cells), ΔKID-proxy (paired), ΔFID-proxy and Δcaption accuracy "
              "(relative); claim 2 (better inversion): ΔPSNR of the reconstructions (paired per image, dB); claim 3 "
              "(better editing): Δ success of the Eq. 15 edits and Δ pixel MSE outside the shape (x1e-3), paired "
              "per image. ± one s.e. The 'over seeds' rows: mean ± s.e. over the training seeds.", "",
@@ -648,7 +648,7 @@ def claims_table(results):
         get = lambda f: [f(p) for p in mine]  # noqa: E731
         inv = lambda k: get(lambda p: p["inversion"][k]["mean"] if k in p["inversion"] else None)  # noqa: E731
         lines.append(f"| {FORM_LABELS[form]}, over seeds | {over_seeds(get(lambda p: 100 * p['istd']), '%')} | | "
-                     f"{over_seeds(get(lambda p: 1000 * p['kid']['mean'] if p['kid'] else None))} | "
+                     f"{over_seeds(get(lambda p: p['kid']['mean'] if p['kid'] else None))} | "
                      f"{over_seeds(get(lambda p: 100 * p['fid_proxy']), '%')} | "
                      f"{over_seeds(get(lambda p: 100 * p['caption_accuracy']), '%')} | " +
                      " | ".join(over_seeds(inv(k)) for k in inversions) +
@@ -664,7 +664,7 @@ def instrument_noise_table(results):
     steps = max(results["protocol"]["step_counts"])
     a, b = f"A{steps}", f"B{steps}"
     lines = ["### The quality instrument's own noise", "",
-             f"KID-proxy (units of 1e-3) of each model in cells {a} and {b} (the same model, disjoint noise pairs, "
+             f"KID-proxy of each model in cells {a} and {b} (the same model, disjoint noise pairs, "
              f"the same real images), their difference and the s.e. the jackknife gives that difference "
              f"(sqrt(se_A^2 + se_B^2)).", "", f"| model | KID {a} | KID {b} | {a} - {b} | jackknife s.e. of the difference |",
              "|---|---|---|---|---|"]
@@ -676,7 +676,7 @@ def instrument_noise_table(results):
         se = float(np.hypot(ka["se"], kb["se"]))
         ratios.append(((ka["kid"] - kb["kid"]) / se) ** 2)
         lines.append(f"| {name} | {fmt_kid(ka['kid'], ka['se'])} | {fmt_kid(kb['kid'], kb['se'])} | "
-                     f"{1000 * (ka['kid'] - kb['kid']):+.2f} | {1000 * se:.2f} |")
+                     f"{ka['kid'] - kb['kid']:+.2f} | {se:.2f} |")
     if ratios:
         lines += ["", f"Root mean square of (difference / its s.e.) over {len(ratios)} models: "
                   f"{np.sqrt(np.mean(ratios)):.2f} (1 if the jackknife s.e. is right)."]
@@ -686,8 +686,8 @@ def instrument_noise_table(results):
     if sum(k is not None for k in kids) >= 2:
         k = [x for x in kids if x is not None]
         lines += ["", f"Training noise: the lambda-0 control at {len(k)} seeds scores KID-proxy "
-                  + ", ".join(f"{1000 * x:.2f}" for x in k) + f" (std over seeds {1000 * np.std(k, ddof=1):.2f}; "
-                  f"the instrument's own s.e. {1000 * np.mean([x for x in ses if x is not None]):.2f})."]
+                  + ", ".join(f"{x:.2f}" for x in k) + f" (std over seeds {np.std(k, ddof=1):.2f}; "
+                  f"the instrument's own s.e. {np.mean([x for x in ses if x is not None]):.2f})."]
     return lines + [""]
 
 
@@ -704,7 +704,7 @@ def header(results):
             f"or B of noise pairs, DDIM steps). A claim **holds** only if the difference has the same sign and "
             f"|mean| > 2 s.e. in all four cells. The other columns are from cell {results['quality_cell']}. "
             f"KID-proxy: the unbiased kernel distance (cubic kernel) on the classifier's features against the same "
-            f"real images, in units of 1e-3, ± its jackknife standard error (deleting one strip, or one real image, "
+            f"real images, ± its jackknife standard error (deleting one strip, or one real image, "
             f"at a time); ΔKID is paired with the control (same strips, same real images).",
             "",
             f"Measured times, summed over every LoRA run and every scoring: {measured / 60:.1f} min on a shared "
