@@ -316,7 +316,7 @@ def edit_target(attributes):
     return world.caption({**attributes, "colour": colour})
 
 
-def reconstruct(models, images01, captions, targets, p):
+def reconstruct(models, images01, captions, targets, p, nti=True):
     """DDIM-inversion and null-text-inversion reconstructions, and Eq. 15 edits from the NTI inversion,
     at the protocol's largest step count; DDIM inversion also at `p.inversion_step_counts` steps.
 
@@ -324,13 +324,15 @@ def reconstruct(models, images01, captions, targets, p):
     the NTI loss is a sum of per-image terms and Adam acts element-wise, this is B independent
     inversions (except that the early stop waits for the batch's total loss).
     Returns {"ddim" (at the largest step count), "ddim_N" (at N steps), "nti", "edit"}: images
-    [B, 3, H, W] in [0, 1].
+    [B, 3, H, W] in [0, 1]. nti=False: only the DDIM inversions (minutes, where NTI takes ~10x longer).
     """
     schedule = sampler.make_schedule(models.scheduler_config)
     unet, B, steps = models.unet, len(images01), max(p.step_counts)
     out = {"ddim" if n == steps else f"ddim_{n}": report.ddim_reconstruct(models, images01, captions, steps=n,
                                                                          guidance=p.guidance, schedule=schedule)
            for n in sorted({*p.inversion_step_counts, steps})}
+    if not nti:
+        return out
     latents = sampler.encode_images(models.vae, images01)
     with torch.no_grad():
         cond, cond_target = models.encode_prompt(captions), models.encode_prompt(targets)
@@ -865,6 +867,8 @@ def parse_args(argv):
     parser.add_argument("--model", default=str(world.MODEL_DIR), help="the base model (default: the toy SD)")
     parser.add_argument("--data", default=str(ROOT / "data" / "toy"), help="training images (world.prepare_data)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, here and in each train.py")
+    parser.add_argument("--no-nti", action="store_true",
+                        help="Table 2 by DDIM inversion only: no null-text inversion and no Eq. 15 edits (~10x faster)")
     parser.add_argument("--cells", nargs="+", default=None, metavar="CELL",
                         help="score only these cells (e.g. A50, the quality cell); the others stay 'pending' and "
                              "no row 'holds' (default: all four)")
@@ -938,7 +942,7 @@ def write(s):
             for inv in (k for k in rec if k.startswith(("ddim", "nti")) and k in control):
                 rec[inv]["psnr_vs_control"] = instruments.paired_difference(rec[inv]["per_image"]["psnr"],
                                                                             control[inv]["per_image"]["psnr"])
-            if "per_image" in rec["edit"] and "per_image" in control["edit"]:
+            if "per_image" in rec.get("edit", {}) and "per_image" in control.get("edit", {}):
                 rec["edit"]["vs_control"] = {k: instruments.paired_difference(
                     rec["edit"]["per_image"][k], control["edit"]["per_image"][k]) for k in ("success", "outside_mse")}
     r["scoring_s"] = sum(c.get("eval_s", 0) for m in r["scores"].values() for c in m.values())
@@ -1006,11 +1010,14 @@ def reconstruct_model(s, name, models, key, inputs):
     def compute():
         t0 = time.time()
         s.results["computed"].append(f"reconstruct {name}")
-        r = reconstruct(models, images, captions, targets, s.p)
+        r = reconstruct(models, images, captions, targets, s.p, nti=not s.args.no_nti)
         result = {inv: {"per_image": report.image_metrics(r[inv][scored], images[scored])}
                   for inv in r if inv != "edit"}
         for inv in result:
             result[inv].update({k: float(np.mean(v)) for k, v in result[inv]["per_image"].items()})
+        result["eval_s"] = round(time.time() - t0, 1)
+        if "edit" not in r:  # --no-nti
+            return result, {}
         acc = world.caption_accuracy(r["edit"][scored], targets[scored])
         kept = report.edit_scores(r["edit"][scored], images[scored], attributes[scored], target_colours[scored])
         # the same pixel distance for the NTI reconstruction: what inverting alone costs outside the shape
@@ -1023,7 +1030,10 @@ def reconstruct_model(s, name, models, key, inputs):
 
     s.results["reconstruction"][name], s.edits[name] = cached(s.cache / name / "reconstruction.json", key, compute)
     r = s.results["reconstruction"][name]
-    print(f"[tables] {name}: reconstruction PSNR DDIM {r['ddim']['psnr']:.2f}, NTI {r['nti']['psnr']:.2f}", flush=True)
+    if not s.edits[name]:
+        del s.edits[name]
+    nti = f", NTI {r['nti']['psnr']:.2f}" if "nti" in r else ""
+    print(f"[tables] {name}: reconstruction PSNR DDIM {r['ddim']['psnr']:.2f}{nti}", flush=True)
 
 
 def vae_optimum(s, inputs):
@@ -1091,6 +1101,7 @@ def main(argv=None):
     recon_protocol["steps"] = max(s.p.step_counts)
     recon_protocol["inversion_step_counts"] = list(s.p.inversion_step_counts)
     recon_protocol["edit_scores"] = "target, kept attributes, outside_mse"  # older caches: recomputed
+    recon_protocol["nti"] = not args.no_nti
     reconstructed = {s.names[n] for n in s.results["tables"]["reconstruction"]} if "table2" in wanted else set()
     for name in ["base", *runs] if "base" in wanted else runs:
         lora_path, lora_key = lora_of(s, name)
