@@ -66,7 +66,6 @@ def evaluate(model=MODEL_DIR, out="runs/toy_eval", per_prompt=4, steps=50, guida
     return results
 
 
-
 def inversion_inputs(n, seed=11):
     """n real held-out images to invert (uint8 -> [n, 3, 32, 32] in [0, 1]), their captions and attribute
     dicts. The tables invert the first 32 of the same draw, so the report's 24 are among them."""
