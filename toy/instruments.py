@@ -176,11 +176,11 @@ def kid(features_a, features_b, groups_a=None):
     labels, index = np.unique(groups, return_inverse=True)
     if len(labels) < 2:  # one strip: no jackknife over the samples, so no standard error
         return {"kid": float(value), "se": float("nan"), "leave_out_a": [], "leave_out_b": []}
-    member = np.zeros((m, len(labels)))
-    member[np.arange(m), index] = 1
-    c = member.sum(0)
-    inside = np.einsum("ig,ij,jg->g", member, k_aa, member)  # sum over i != j in the group (diagonal is 0)
-    row_aa, row_ab = member.T @ k_aa.sum(1), member.T @ k_ab.sum(1)
+    c = np.bincount(index).astype(np.float64)
+    by_group = np.zeros((len(labels), m))
+    np.add.at(by_group, index, k_aa)  # row g: the sum of k_aa's rows in group g
+    inside = np.bincount(index, weights=by_group[index, np.arange(m)])  # sum over i != j in the group (diagonal 0)
+    row_aa, row_ab = np.bincount(index, weights=k_aa.sum(1)), np.bincount(index, weights=k_ab.sum(1))
     rest = m - c
     out_a = (s_aa - 2 * row_aa + inside) / (rest * (rest - 1)) + s_bb / (n * (n - 1)) - 2 * (s_ab - row_ab) / (rest * n)
     out_b = s_aa / (m * (m - 1)) + (s_bb - 2 * k_bb.sum(1)) / ((n - 1) * (n - 2)) - \
