@@ -671,7 +671,7 @@ def instrument_noise_table(results):
              f"(sqrt(se_A^2 + se_B^2)).", "", f"| model | KID {a} | KID {b} | {a} - {b} | jackknife s.e. of the difference |",
              "|---|---|---|---|---|"]
     ratios = []
-    for name, cells in results["scores"].items():
+    for name, cells in results.get("scores", {}).items():
         if "kid_proxy" not in cells.get(a, {}) or "kid_proxy" not in cells.get(b, {}):
             continue
         ka, kb = cells[a]["kid_proxy"], cells[b]["kid_proxy"]
