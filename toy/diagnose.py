@@ -9,7 +9,8 @@ where DDIM inversion errs.
 would miss prompts the real set has) against 500 and 1000 real held-out images: a biased
 estimator moves with n, an unbiased one does not (beyond its s.e.).
 
-`inversion`: DDIM inversion (Eq. 4) steps from x_{t-s} to x_t with eps(x_{t-s}, t); sampling steps back
+`inversion` (also: the PSNR of the reconstruction sampled back at CFG 1 and at Table 2's 7.5): DDIM
+inversion (Eq. 4) steps from x_{t-s} to x_t with eps(x_{t-s}, t); sampling steps back
 with eps(x_t, t). The round trip of one step errs by |c_t| ||eps(x_t, t) - eps(x_{t-s}, t)||, with
 c_t = sqrt(1 - abar_{t-s}) - sqrt(abar_{t-s} (1 - abar_t) / abar_t): the error is how much eps changes ALONG
 the trajectory, d = x_t - x_{t-s}. Eq. 10 regularizes the variation in a RANDOM direction. For each step
@@ -94,6 +95,15 @@ def inversion_steps(models, images01, captions, steps=50, seed=0):
     return out
 
 
+def reconstruction_by_guidance(models, images01, captions, steps=50, guidances=(1.0, 7.5)):
+    """Per-image PSNR of Table 2's DDIM reconstruction (inverted without guidance, `report.ddim_reconstruct`)
+    sampled back at each CFG scale: at 1 the way back mirrors the inversion, at 7.5 (Table 2's) it does not."""
+    from toy import report
+
+    return {g: report.image_metrics(report.ddim_reconstruct(models, images01, captions, steps=steps, guidance=g),
+                                    images01)["psnr"] for g in guidances}
+
+
 def summarize_steps(result, buckets=5):
     """Means over images and over `buckets` equal ranges of steps (low t first)."""
     t = np.array(result["t"])
@@ -147,8 +157,11 @@ def main(argv=None):
         for run in args.runs:
             lora_path = None if run == "base" else cache / run / "smooth_lora.safetensors"
             models = tables.load(str(world.MODEL_DIR), lora_path)
-            results[run] = inversion_steps(models, instruments.images01(images), [world.caption(a) for a in attributes],
-                                           steps=args.steps)
+            images01, captions = instruments.images01(images), [world.caption(a) for a in attributes]
+            results[run] = inversion_steps(models, images01, captions, steps=args.steps)
+            results[run]["psnr_by_guidance"] = reconstruction_by_guidance(models, images01, captions, steps=args.steps)
+            print(f"{run}: DDIM reconstruction PSNR (inverted at guidance 1, {args.steps} steps) sampled at guidance " +
+                  ", ".join(f"{g}: {np.mean(v):.2f} dB" for g, v in results[run]["psnr_by_guidance"].items()), flush=True)
             for row in summarize_steps(results[run]):
                 print(f"{run} t {row['t']}: round-trip error {row['round_trip']:.5f}, eps gain along the trajectory "
                       f"{row['gain_trajectory']:.3f}, in a random direction {row['gain_random']:.3f}", flush=True)
