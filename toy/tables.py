@@ -323,7 +323,8 @@ def reconstruct(models, images01, captions, targets, p, nti=True):
     Each image gets its own null embeddings: the batch's nulls form one [B, 77, D] tensor, and since
     the NTI loss is a sum of per-image terms and Adam acts element-wise, this is B independent
     inversions (except that the early stop waits for the batch's total loss).
-    Returns {"ddim" (at the largest step count), "ddim_N" (at N steps), "nti", "edit"}: images
+    Returns {"ddim" (at the largest step count), "ddim_N" (at N steps), "ddim1_N" (at N steps, sampled back
+    at CFG 1), "nti", "edit"}: images
     [B, 3, H, W] in [0, 1]. nti=False: only the DDIM inversions (minutes, where NTI takes ~10x longer).
     """
     schedule = sampler.make_schedule(models.scheduler_config)
@@ -331,6 +332,11 @@ def reconstruct(models, images01, captions, targets, p, nti=True):
     out = {"ddim" if n == steps else f"ddim_{n}": report.ddim_reconstruct(models, images01, captions, steps=n,
                                                                          guidance=p.guidance, schedule=schedule)
            for n in sorted({*p.inversion_step_counts, steps})}
+    # Sampled back at CFG 1, the guidance the inversion used: the error left is DDIM inversion's own
+    # (Eq. 4's local linearization), not the mismatch between the inverted and the guided eps.
+    out.update({f"ddim1_{n}": report.ddim_reconstruct(models, images01, captions, steps=n, guidance=1.0,
+                                                       schedule=schedule)
+                for n in sorted({*p.inversion_step_counts, steps})})
     if not nti:
         return out
     latents = sampler.encode_images(models.vae, images01)
@@ -466,9 +472,18 @@ def smoothness_table(title, names, results, note=None):
 
 
 def inversion_label(key, steps):
-    """'ddim' -> 'DDIM 50 steps', 'ddim_10' -> 'DDIM 10 steps', 'nti' -> 'NTI 50 steps'."""
+    """'ddim' -> 'DDIM 50 steps', 'ddim_10' -> 'DDIM 10 steps', 'ddim1_10' -> 'DDIM 10 steps, CFG 1',
+    'nti' -> 'NTI 50 steps'."""
     kind, _, n = key.partition("_")
-    return f"{kind.upper()} {n or steps} steps"
+    return f"DDIM {n} steps, CFG 1" if kind == "ddim1" else f"{kind.upper()} {n or steps} steps"
+
+
+def inversion_keys(protocol):
+    """Table 2's reconstructions in the order of its rows: DDIM at each step count (CFG of the protocol),
+    DDIM sampled back at CFG 1 at each step count, NTI."""
+    steps = max(protocol["step_counts"])
+    counts = sorted({*protocol.get("inversion_step_counts", ()), steps})
+    return [*("ddim" if n == steps else f"ddim_{n}" for n in counts), *(f"ddim1_{n}" for n in counts), "nti"]
 
 
 def reconstruction_table(results, names):
@@ -477,8 +492,7 @@ def reconstruction_table(results, names):
     outside the shape), each paired with the model's control."""
     recon, labels = results.get("reconstruction", {}), {n: results["rows"].get(n, {}).get("label", n) for n in names}
     steps = max(results["protocol"]["step_counts"])
-    inversions = [*(f"ddim_{n}" for n in results["protocol"].get("inversion_step_counts", ()) if n != steps),
-                  "ddim", "nti"]
+    inversions = inversion_keys(results["protocol"])
     lines = ["### Table 2: reconstruction of real held-out images (DDIM inversion, null-text inversion) "
              "and Eq. 15 edits", "", f"{results.get('reconstruction_s', 0) / 60:.1f} min of scoring, "
              f"{results['protocol']['recon_images']} images. ΔPSNR: paired per image with the model's control "
@@ -625,8 +639,7 @@ def claims_table(results):
     mean over seeds with its s.e. (the spread between seeds, i.e. the training noise)."""
     points = claims_points(results)
     steps = max(results["protocol"]["step_counts"])
-    inversions = [*(f"ddim_{n}" for n in results["protocol"].get("inversion_step_counts", ()) if n != steps),
-                  "ddim", "nti"]
+    inversions = inversion_keys(results["protocol"])
     lines = ["### The paper's three claims, seed by seed", "",
              "Each regularized run against the lambda-0 control of its seed: claim 1 (smoother, no quality cost): "
              "ΔISTD (mean of the 4 cells), ΔKID-proxy (paired), ΔFID-proxy and Δcaption accuracy "
@@ -811,11 +824,16 @@ def save_tradeoff_plot(path, points, target=-0.40, size=(640, 440), margin=(70, 
     image.save(path)
 
 
-def save_claims_plot(path, points, size=(900, 380), margin=(60, 30, 20, 50)):
+def save_claims_plot(path, points, size=(1350, 380), margin=(60, 30, 20, 50)):
     """claims.png: does the downstream gain track smoothness? One dot per regularized run (blue: the
-    paper's form, red: ours; labelled by seed), x = ISTD change vs its control (%); left panel y = ΔPSNR
-    of DDIM inversion at the largest step count (dB), right panel y = Δ edit success; bars: ± 1 s.e."""
+    paper's form, red: ours; labelled by seed), x = ISTD change vs its control (%); panels: y = ΔPSNR of
+    DDIM inversion at the largest step count (Table 2's CFG), at the fewest steps sampled back at CFG 1
+    (dB), and Δ edit success; bars: ± 1 s.e."""
+    cfg1 = sorted((k for p in points.values() for k in p["inversion"] if k.startswith("ddim1_")),
+                  key=lambda k: int(k.split("_")[1]))
     panels = [("ΔPSNR, DDIM inversion (dB)", lambda p: p["inversion"].get("ddim")),
+              (f"ΔPSNR, {cfg1[0].split('_')[1] if cfg1 else '?'} steps, CFG 1 (dB)",
+               lambda p: p["inversion"].get(cfg1[0]) if cfg1 else None),
               ("Δ edit success (fraction)", lambda p: (p["edit"] or {}).get("success"))]
     points = {n: p for n, p in points.items() if any(get(p) for _, get in panels)}
     if not points:
@@ -823,11 +841,11 @@ def save_claims_plot(path, points, size=(900, 380), margin=(60, 30, 20, 50)):
     image = Image.new("RGB", size, "white")
     pen = ImageDraw.Draw(image)
     left, top, right, bottom = margin
-    w, h = size[0] // 2 - left - right, size[1] - top - bottom
+    w, h = size[0] // len(panels) - left - right, size[1] - top - bottom
     xs = [100 * p["istd"] for p in points.values()] + [0]
     x0, x1 = min(xs) - 5, max(xs) + 5
     for i, (title, get) in enumerate(panels):
-        ox = i * size[0] // 2 + left
+        ox = i * size[0] // len(panels) + left
         ds = [get(p) for p in points.values() if get(p)]
         ys = [d["mean"] + s * d["se"] for d in ds for s in (-1, 1)] + [0]
         y0, y1 = min(ys), max(ys)
@@ -1102,6 +1120,7 @@ def main(argv=None):
     recon_protocol["inversion_step_counts"] = list(s.p.inversion_step_counts)
     recon_protocol["edit_scores"] = "target, kept attributes, outside_mse"  # older caches: recomputed
     recon_protocol["nti"] = not args.no_nti
+    recon_protocol["cfg1"] = True  # the DDIM reconstructions sampled back at CFG 1 too
     reconstructed = {s.names[n] for n in s.results["tables"]["reconstruction"]} if "table2" in wanted else set()
     for name in ["base", *runs] if "base" in wanted else runs:
         lora_path, lora_key = lora_of(s, name)
