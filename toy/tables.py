@@ -831,10 +831,10 @@ def save_claims_plot(path, points, size=(1350, 380), margin=(60, 30, 20, 50)):
     (dB), and Δ edit success; bars: ± 1 s.e."""
     cfg1 = sorted((k for p in points.values() for k in p["inversion"] if k.startswith("ddim1_")),
                   key=lambda k: int(k.split("_")[1]))
-    panels = [("ΔPSNR, DDIM inversion (dB)", lambda p: p["inversion"].get("ddim")),
-              (f"ΔPSNR, {cfg1[0].split('_')[1] if cfg1 else '?'} steps, CFG 1 (dB)",
+    panels = [("PSNR change, DDIM inversion, Table 2's CFG (dB)", lambda p: p["inversion"].get("ddim")),
+              (f"PSNR change, DDIM {cfg1[0].split('_')[1] if cfg1 else '?'} steps, CFG 1 (dB)",
                lambda p: p["inversion"].get(cfg1[0]) if cfg1 else None),
-              ("Δ edit success (fraction)", lambda p: (p["edit"] or {}).get("success"))]
+              ("Eq. 15 edit success change (fraction)", lambda p: (p["edit"] or {}).get("success"))]
     points = {n: p for n, p in points.items() if any(get(p) for _, get in panels)}
     if not points:
         return
