@@ -332,6 +332,9 @@ def test_quick_pipeline_writes_every_table_and_figure_then_reuses_its_cache(tiny
 def test_bad_arguments_end_in_an_error_line(capsys, tmp_path):
     with pytest.raises(SystemExit, match="python -m toy tables: error: no model"):
         tables.main(["--model", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match="python -m toy tables: error: --cells Z9: the cells are A25, A50, B25, B50"):
+        tables.main(["--cells", "A50", "Z9", "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")])
+    assert not (tmp_path / "out").exists()  # nothing written
     with pytest.raises(SystemExit) as e:
         tables.main(["--threads", "0"])
     assert e.value.code == 2 and "python -m toy tables: error: --threads must be at least 1" in capsys.readouterr().err
