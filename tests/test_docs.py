@@ -10,7 +10,7 @@ from bench import speed
 from conftest import ROOT
 from demos import cli
 from toy import __main__ as toy_main
-from toy import drag_bench, tables
+from toy import diagnose, drag_bench, tables
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
@@ -52,6 +52,8 @@ def parse(program, argv):
         return cli.build_parser().parse_args(argv) if argv else None  # no arguments: the toy demo
     if program == "toy":
         return tables.parse_args(argv[1:]) if argv[:1] == ["tables"] else toy_main.build_parser().parse_args(argv)
+    if program == "toy.diagnose":
+        return diagnose.build_parser().parse_args(argv)
     if program == "bench":
         return speed.build_parser().parse_args(argv)
     if program == "toy.drag_bench":

@@ -116,16 +116,21 @@ def summarize_steps(result, buckets=5):
     return rows
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(prog="python -m toy.diagnose", description=__doc__.split("\n")[0])
-    parser.add_argument("check", choices=("instrument", "inversion"))
-    parser.add_argument("--cache", default="runs/tables", help="the tables' cache (LoRAs, cached scores)")
-    parser.add_argument("--runs", nargs="+", default=["control", "ours"])
-    parser.add_argument("--cell", default="A50", help="instrument: the cell whose frames are scored")
-    parser.add_argument("--images", type=int, default=16, help="inversion: validation images")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("check", choices=("instrument", "inversion"), help="which check (see above)")
+    parser.add_argument("--cache", default="runs/tables", help="the tables' cache (LoRAs, cached scores; default: runs/tables)")
+    parser.add_argument("--runs", nargs="+", default=["control", "ours"],
+                        help="runs of the tables' cache (default: control ours; 'base' for the base model)")
+    parser.add_argument("--cell", default="A50", help="instrument: the cell whose frames are scored (default: A50)")
+    parser.add_argument("--images", type=int, default=16, help="inversion: validation images (default: 16)")
+    parser.add_argument("--steps", type=int, default=50, help="inversion: DDIM steps (default: 50)")
     parser.add_argument("--out", default=None, help="write the numbers as JSON here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(1)
     cache, results = Path(args.cache), {}
     for run in args.runs:
