@@ -824,17 +824,24 @@ def save_tradeoff_plot(path, points, target=-0.40, size=(640, 440), margin=(70, 
     image.save(path)
 
 
-def save_claims_plot(path, points, size=(1350, 380), margin=(60, 30, 20, 50)):
+def scaled(d, factor):
+    """A paired-difference dict with mean and s.e. times factor (None stays None)."""
+    return None if d is None else {**d, "mean": factor * d["mean"], "se": factor * d["se"]}
+
+
+def save_claims_plot(path, points, size=(1800, 380), margin=(60, 30, 20, 50)):
     """claims.png: does the downstream gain track smoothness? One dot per regularized run (blue: the
     paper's form, red: ours; labelled by seed), x = ISTD change vs its control (%); panels: y = ΔPSNR of
     DDIM inversion at the largest step count (Table 2's CFG), at the fewest steps sampled back at CFG 1
-    (dB), and Δ edit success; bars: ± 1 s.e."""
+    (dB), Δ edit success and Δ pixel MSE outside the shape; bars: ± 1 s.e."""
     cfg1 = sorted((k for p in points.values() for k in p["inversion"] if k.startswith("ddim1_")),
                   key=lambda k: int(k.split("_")[1]))
     panels = [("PSNR change, DDIM inversion, Table 2's CFG (dB)", lambda p: p["inversion"].get("ddim")),
               (f"PSNR change, DDIM {cfg1[0].split('_')[1] if cfg1 else '?'} steps, CFG 1 (dB)",
                lambda p: p["inversion"].get(cfg1[0]) if cfg1 else None),
-              ("Eq. 15 edit success change (fraction)", lambda p: (p["edit"] or {}).get("success"))]
+              ("Eq. 15 edit success change (fraction)", lambda p: (p["edit"] or {}).get("success")),
+              ("Eq. 15 edit: change of pixel MSE outside the shape (x1e-3)",
+               lambda p: scaled((p["edit"] or {}).get("outside_mse"), 1000))]
     points = {n: p for n, p in points.items() if any(get(p) for _, get in panels)}
     if not points:
         return
