@@ -182,7 +182,9 @@ def build_parser():
         "and compare (default: off)")
     add("--bootstrap", type=_number(int, 0), default=100, help="paired bootstrap replicates for FID/KID differences "
         "(default: %(default)s)")
-    p = sub.add_parser("drag", parents=[common, size, sampling],
+    # Fresh copies of the shared options: argparse's parents share their actions, and drag's guidance default
+    # (1, DragDiffusion's) set on shared ones would become every command's.
+    p = sub.add_parser("drag", parents=list(_parents()[:3]),
                        help="drag editing (DragDiffusion, drag.py): move the content at each handle point to its "
                             "target; writes the edit, source | edit with the drags drawn, and the final handles")
     p.add_argument("--image", required=True, help="the image to edit (--prompt is its caption)")
@@ -192,11 +194,11 @@ def build_parser():
     p.add_argument("--mask", default=None, help="image of the same size as --image, white where the image may "
                    "change (DragDiffusion's mask term outside it); default: no mask")
     defaults = drag.DragConfig()
-    p.add_argument("--lora-steps", type=_number(int, 0), default=defaults.lora_steps,
+    p.add_argument("--lora-steps", type=_number(int, 0, 100_000), default=defaults.lora_steps,
                    help="identity LoRA steps on the image (paper: %(default)s)")
     p.add_argument("--inversion-strength", type=_number(float, 0.01, 1), default=defaults.inversion_strength,
                    help="invert this fraction of the steps; the drag acts there (paper: %(default)s)")
-    p.add_argument("--lam", type=_number(float, 0), default=defaults.lam,
+    p.add_argument("--lam", type=_number(float, 0, 1e6), default=defaults.lam,
                    help="weight of the mask term (paper: %(default)s)")
     p.set_defaults(guidance=1.0)
     return parser
@@ -283,7 +285,7 @@ def _check_points(points, width, height):
 
 def _check_drag(args):
     if args.guidance != 1:
-        fail("drag inverts and denoises with guidance 1 (DragDiffusion's); drop --guidance")
+        fail(f"--guidance {args.guidance}: drag inverts and denoises with guidance 1 (DragDiffusion's); drop --guidance")
     if args.mask:
         image_size, mask_size = data.read_image(args.image).size, data.read_image(args.mask).size
         if image_size != mask_size:

@@ -457,7 +457,8 @@ def test_every_numeric_flag_of_sampler_py_gets_one_clean_error_or_is_legal(tiny_
     (tmp_path / "prompts.txt").write_text("a dog\n")
     required = {"invert": ["--image", str(tmp_path / "photo.png")],
                 "edit": ["--image", str(tmp_path / "photo.png"), "--target-prompt", "a cat"],
-                "istd": ["--prompts-file", str(tmp_path / "prompts.txt")]}
+                "istd": ["--prompts-file", str(tmp_path / "prompts.txt")],
+                "drag": ["--image", str(tmp_path / "photo.png"), "--points", "1,1:2,2"]}
     parser = sampler_cli.build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     accepted, accepted_in = set(), set()
@@ -483,4 +484,5 @@ def test_every_numeric_flag_of_sampler_py_gets_one_clean_error_or_is_legal(tiny_
     assert accepted == {("--guidance", "zero"), ("--seed", "zero"), ("--seed", "huge"), ("--eta", "zero"),
                         ("--seeds", "zero"), ("--seeds", "huge"), ("--r", "zero"), ("--inner-steps", "huge"),
                         ("--batch-size", "huge"), ("--num-images", "huge"), ("--bootstrap", "zero"),
-                        ("--bootstrap", "huge"), ("--istd-prompts", "zero")}
+                        ("--bootstrap", "huge"), ("--istd-prompts", "zero"),
+                        ("--lora-steps", "zero"), ("--lam", "zero")}  # drag: no identity LoRA, no mask term

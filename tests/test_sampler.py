@@ -618,3 +618,11 @@ def test_bad_inputs_end_in_one_error_line_without_a_traceback(cli, tiny_sd, tmp_
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.startswith("sampler.py: error: --image")
+
+
+def test_drag_guidance_default_is_its_own():
+    """drag samples with guidance 1 (DragDiffusion); every other command keeps the paper's 7.5."""
+    parser = sampler_cli.build_parser()
+    assert parser.parse_args(["generate"]).guidance == 7.5
+    assert parser.parse_args(["interpolate"]).guidance == 7.5
+    assert parser.parse_args(["drag", "--image", "x.png", "--points", "1,1:2,2"]).guidance == 1.0
