@@ -2,6 +2,7 @@
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,14 @@ def tiny_sd(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-sd")
     pipe = make_tiny_diffusers_sd(folder)
     return folder, pipe
+
+
+def wait_for_lines(path, n, proc, timeout=120):
+    """Wait until the file at `path` has n lines while `proc` (a training run) is still running."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{path} did not reach {n} lines")

@@ -15,14 +15,6 @@ import sampler
 from conftest import TINY_UNET, TINY_UNET_3LEVEL, TINY_VAE, perturb_
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_unet(config=TINY_UNET_3LEVEL, seed=0):
     torch.manual_seed(seed)
     return perturb_(checkpoint.unet_from_config(config), seed).eval().requires_grad_(False)

@@ -23,7 +23,7 @@ import data
 import runstate
 import sampler
 import train
-from conftest import ROOT
+from conftest import ROOT, wait_for_lines
 from demos import cli as sampler_cli
 from demos import media
 
@@ -42,16 +42,6 @@ def run_train(*args, check=True):
 def start_train(*args):
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV)
-
-
-def wait_for_lines(path, n, proc, timeout=180):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        if path.exists() and len(path.read_text().splitlines()) >= n:
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"{path} did not reach {n} lines")
 
 
 def folder_bytes(folder):
@@ -91,7 +81,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused_before_it_writes_and_the_loc
     first = start_train("--model", tiny_sd[0], "--data", images, "--out", out, *TINY, "--max-steps", 10_000,
                         "--save-every", 1)
     try:
-        wait_for_lines(out / "log.jsonl", 2, first)
+        wait_for_lines(out / "log.jsonl", 2, first, timeout=180)
         for extra in ([], ["--resume"], ["--overwrite"]):  # another seed, a resume, a start over: all refused
             before = folder_bytes(out)
             second = error_of("--model", tiny_sd[0], "--data", images, "--out", out, *TINY, "--max-steps", 3,
@@ -368,7 +358,7 @@ def test_the_toy_control_stopped_by_sigterm_exits_143_and_resume_continues_it_wh
     args = ["--data", folder, "--out", tmp_path / "run", "--batch-size", 2, "--validate-every", 0]
     proc = start_train(*args, "--max-steps", 10_000, "--save-every", 1)
     control_log = tmp_path / "run" / "control" / "log.jsonl"
-    wait_for_lines(control_log, 2, proc)
+    wait_for_lines(control_log, 2, proc, timeout=180)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr

@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -27,7 +26,7 @@ import regularizer
 import runstate
 import sampler
 import train
-from conftest import ROOT, perturb_
+from conftest import ROOT, perturb_, wait_for_lines
 from toy import main_job
 
 TINY = ["--resolution", "16", "--batch-size", "2", "--grad-accum", "2", "--num-workers", "0"]
@@ -49,16 +48,6 @@ def start_train(*args):
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def wait_for_log_lines(log, n, proc, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        if log.exists() and len(log.read_text().splitlines()) >= n:
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"{log} did not reach {n} lines")
 
 
 def relative_difference(a, b):
@@ -163,7 +152,7 @@ def test_sigkill_during_training_leaves_a_loadable_checkpoint(tiny_sd, images, t
     proc = start_train("--model", tiny_sd[0], "--data", images, "--out", tmp_path, "--max-steps", 10_000,
                        "--save-every", 1, *TINY)
     try:
-        wait_for_log_lines(tmp_path / "log.jsonl", 3, proc)
+        wait_for_lines(tmp_path / "log.jsonl", 3, proc)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
@@ -178,7 +167,7 @@ def test_sigterm_and_sigint_save_the_current_step_and_exit_128_plus_the_signal(t
                                                                                signum, code):
     proc = start_train("--model", tiny_sd[0], "--data", images, "--out", tmp_path, "--max-steps", 10_000,
                        "--save-every", 1000, *TINY)
-    wait_for_log_lines(tmp_path / "log.jsonl", 1, proc)
+    wait_for_lines(tmp_path / "log.jsonl", 1, proc)
     proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == code, stderr  # not 0: a job scheduler must not think the run finished
