@@ -81,6 +81,19 @@ def random_unit_direction(like, generator=None):
     return d / _per_sample(_norms(d), d)
 
 
+def trajectory_direction(latents, noise, timesteps, alphas_cumprod, stride=20):
+    """The direction x_t moves along the deterministic (DDIM) path through (x0, eps) near t, per sample:
+    x_hi - x_lo with x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps (Eq. 2), lo = max(t - stride, 0),
+    hi = lo + stride (stride 20: a 50-step DDIM grid on T = 1000). Not in the paper (issue 21): one DDIM
+    inversion step errs by how much eps changes along this direction, where Eq. 10 probes a random one.
+    Unit length per sample."""
+    lo = (timesteps - stride).clamp(min=0)
+    hi = (lo + stride).clamp(max=len(alphas_cumprod) - 1)
+    abar_lo, abar_hi = (_per_sample(alphas_cumprod[s], latents) for s in (lo, hi))
+    d = (abar_hi.sqrt() - abar_lo.sqrt()) * latents + ((1 - abar_hi).sqrt() - (1 - abar_lo).sqrt()) * noise
+    return d / _per_sample(_norms(d), d)
+
+
 def variation_norm(x0_pred, noise, sigma, direction=None):
     """Eq. 10 per sample: || grad_noise( sigma * x0_pred . u ) ||_2 = sigma ||J^T u||_2  -> [B].
 

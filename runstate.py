@@ -35,10 +35,10 @@ import sampler
 # Settings that change what a run optimizes: a --resume with other values is refused unless overridden.
 OPTIMIZATION_SETTINGS = ("model", "data", "data_root", "resolution", "batch_size", "grad_accum", "lr",
                          "weight_decay", "rank", "lora_targets", "lambda_reg", "reg_every", "reg_decay",
-                         "reg_timestep_buckets", "reg_normalize", "reg_mode", "reg_batch_frac", "fd_h", "seed",
+                         "reg_timestep_buckets", "reg_normalize", "reg_mode", "reg_direction", "reg_batch_frac", "fd_h", "seed",
                          "mixed_precision")
 SHAPE_SETTINGS = ("rank", "lora_targets", "reg_timestep_buckets")  # never changed by --resume-override
-NEWER_SETTINGS = dict(reg_normalize="none", lora_targets="attention")  # older checkpoints trained like this
+NEWER_SETTINGS = dict(reg_normalize="none", lora_targets="attention", reg_direction="random")  # older checkpoints trained like this
 
 
 def saved_settings(config):

@@ -97,6 +97,10 @@ class TrainConfig:
                                  choices=("none", "analytic", "relative"))
     reg_mode: str = _option("vjp", "vjp: Eq. 10 by double backward (paper); fd: finite difference, two "
                                    "forwards", choices=("vjp", "fd"))
+    reg_direction: str = _option("random", "random: Eq. 10's random unit direction (paper); trajectory: the "
+                                           "direction x_t moves along the DDIM path through (x0, eps), where "
+                                           "DDIM inversion errs (not in the paper; issue 21: use with --reg-mode fd)",
+                                 choices=("random", "trajectory"))
     reg_batch_frac: float = _option(1.0, "regularize the first ceil(f * batch size) samples of each "
                                          "micro-batch (f < 1: the result then depends on the per-process "
                                          "batch size, not only on the global batch)")
@@ -332,6 +336,8 @@ def micro_step(cfg, ddp_unet, sd, reg, batch, schedule, regularize, device, auto
     t, noise, direction, posterior = (x.to(device) for x in (t, noise, direction, posterior))
     # The VAE posterior sample, as the official code (.sample()), seeded per sample like the noise.
     latents = (mean.float() + (0.5 * logvar.float()).exp() * posterior) * sd.vae.scaling_factor
+    if cfg.reg_direction == "trajectory":
+        direction = regularizer.trajectory_direction(latents, noise, t, schedule.alphas_cumprod.to(device))
     return smooth_diffusion_loss(
         ddp_unet, latents, noise, t, text, direction, schedule.alphas_cumprod.to(device), reg=reg,
         reg_mode=cfg.reg_mode if regularize else "none", reg_batch_frac=cfg.reg_batch_frac,

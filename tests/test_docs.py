@@ -10,7 +10,7 @@ from bench import speed
 from conftest import ROOT
 from demos import cli
 from toy import __main__ as toy_main
-from toy import diagnose, drag_bench, tables
+from toy import diagnose, drag_bench, search, tables
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
@@ -56,6 +56,8 @@ def parse(program, argv):
         return diagnose.build_parser().parse_args(argv)
     if program == "bench":
         return speed.build_parser().parse_args(argv)
+    if program == "toy.search":
+        return search.build_parser().parse_args(argv)
     if program == "toy.drag_bench":
         return drag_bench.build_parser().parse_args(argv)
     raise AssertionError(f"a command of an unknown program: {program} {' '.join(argv)}")

@@ -10,7 +10,7 @@ from torch import nn
 
 from lora import lora_layers
 from regularizer import (StepwiseVariationRegularizer, fd_variation_norm, identity_path_scale, predict_x0,
-                         random_unit_direction, variation_norm)
+                         random_unit_direction, trajectory_direction, variation_norm)
 
 DT = torch.float64
 
@@ -23,6 +23,23 @@ def linear_x0(A, noise):
 def random_orthogonal(n, generator):
     q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=DT))
     return q * torch.sign(torch.diagonal(r))
+
+
+def test_trajectory_direction_is_the_ddim_step_through_x0_and_eps():
+    g = torch.Generator().manual_seed(3)
+    abar = torch.linspace(0.999, 0.01, 1000, dtype=DT)
+    x0, eps = torch.randn(3, 4, 5, 5, generator=g, dtype=DT), torch.randn(3, 4, 5, 5, generator=g, dtype=DT)
+    t = torch.tensor([500, 7, 999])
+
+    def x_at(s):  # Eq. 2 at timesteps s
+        a = abar[s].view(-1, 1, 1, 1)
+        return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+    d = trajectory_direction(x0, eps, t, abar, stride=20)
+    expected = x_at(torch.tensor([500, 20, 999])) - x_at(torch.tensor([480, 0, 979]))  # below t; from 0 near 0
+    expected = expected / expected.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    torch.testing.assert_close(d, expected)
+    assert torch.allclose(d.flatten(1).norm(dim=1), torch.ones(3, dtype=DT))
 
 
 def test_predict_x0_inverts_the_forward_process_per_sample():

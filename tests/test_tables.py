@@ -154,6 +154,14 @@ def test_the_estimate_counts_the_runs_steps_and_strips():
     # 3 runs x 3 seeds, 3 + 3 more lambdas at 300 steps; 3 runs at 1000 and at 3000 (see the docstring)
     assert e["train_steps"] == 9 * 300 + 6 * 300 + 3 * 1000 + 3 * 3000 == 16_500
     assert e["train_s"] == pytest.approx(0.2 * (4900 + 2 * 11600))
+    assert e["recon_s"] == 22 * 150  # Table 2 for the base and every LoRA, each once
+
+
+def test_table2_covers_every_model_once_and_the_claims_plot_labels_each_run():
+    names = tables.canonical(tables.plan_runs(FULL))
+    assert {names[n] for n in tables.table_rows(FULL)["reconstruction"]} == set(names.values())
+    assert [tables.short_label(n) for n in ("ours", "ours_seed2", "paper_lambda10", "ours_steps1000")] == \
+        ["s0", "s2", "λ10", "1000 st"]
 
 
 def test_plan_prints_every_run_and_the_estimate_and_trains_nothing(capsys, monkeypatch):

@@ -134,6 +134,16 @@ def test_fd_mode_with_lazy_and_partial_regularization_regularizes_every_kth_step
     assert log[0]["loss"] == pytest.approx(log[0]["loss_base"] + 2 * log[0]["loss_reg"], rel=1e-5)
 
 
+def test_trajectory_direction_changes_what_the_fd_regularizer_trains(tiny_sd, images, tmp_path):
+    common = ["--model", tiny_sd[0], "--data", images, "--max-steps", 1, *TINY, "--reg-mode", "fd"]
+    run_train(*common, "--out", tmp_path / "random")
+    run_train(*common, "--out", tmp_path / "trajectory", "--reg-direction", "trajectory")
+    random, trajectory = (load_file(tmp_path / n / "smooth_lora.safetensors") for n in ("random", "trajectory"))
+    log = json.loads((tmp_path / "trajectory" / "log.jsonl").read_text().splitlines()[0])
+    assert log["regularized"] and log["loss_reg"] > 0
+    assert relative_difference(random, trajectory) > 1e-4
+
+
 def test_lazy_regularization_compounds_the_decay_and_timestep_buckets_start_at_the_first_mean(tiny_sd, images,
                                                                                               tmp_path):
     common = ["--model", tiny_sd[0], "--data", images, "--max-steps", 1, *TINY, "--grad-accum", 1]

@@ -3,6 +3,7 @@ where DDIM inversion errs.
 
     python -m toy.diagnose instrument --cache runs/tables --runs control ours     # FID vs KID against n
     python -m toy.diagnose inversion --cache runs/tables --runs control ours      # DDIM inversion, step by step
+    python -m toy.diagnose images --cache runs/tables --runs ours ours_seed1      # Table 2 on a second image set
 
 `instrument`: the FID-proxy and the KID-proxy of one model's frames (cached by `python -m toy tables`,
 `tables.cell_features`) at 24, 48 and 64 strips (strip k samples prompt k mod 24: fewer than 24 strips
@@ -18,10 +19,16 @@ this measures, on validation images (training triples, not held-out ones): the r
 gain of eps along the trajectory ||eps(x_t) - eps(x_{t-s})|| / ||d||, and the gain in a random direction
 of the same length; so whether a LoRA that lowers the random gain (what Eq. 10 penalizes) also lowers the
 one the inversion error depends on.
+
+`images`: Table 2 (DDIM inversion at 10, 20, 50 steps sampled back at CFG 7.5 and 1, null-text inversion, Eq. 15
+edits scored on what changed and what stayed: `tables.score_reconstruction`) on a SECOND draw of 32 real
+held-out images (--image-seed, default 13; the tables' is 11), each run paired with its control
+(`<form>_seedK` with `control_seedK`): the claims' second, disjoint image set. Cached beside each LoRA.
 """
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -116,15 +123,59 @@ def summarize_steps(result, buckets=5):
     return rows
 
 
+def second_image_set(cache, runs, image_seed):
+    """{run: Table 2's numbers on the image draw of `image_seed`}, each cached in CACHE/run/."""
+    from toy import tables
+
+    p = tables.Protocol()
+    inputs, out = tables.recon_inputs(p, seed=image_seed), {}
+    for run in runs:
+        lora_path = Path(cache) / run / "smooth_lora.safetensors"
+        key = {"lora": tables.sha256(lora_path), "image_seed": image_seed, "protocol": {
+            k: getattr(p, k) for k in ("recon_images", "step_counts", "inversion_step_counts", "guidance",
+                                       "nti_inner_steps", "edit_r")}}
+
+        def compute():
+            t0 = time.time()
+            result, _ = tables.score_reconstruction(tables.load(str(world.MODEL_DIR), lora_path), inputs, p)
+            return {**result, "eval_s": round(time.time() - t0, 1)}, {}
+
+        out[run], _ = tables.cached(Path(cache) / run / f"reconstruction_images{image_seed}.json", key, compute)
+        print(f"{run}: DDIM PSNR {out[run]['ddim']['psnr']:.2f}, edit success {out[run]['edit']['success']:.3f} "
+              f"({out[run]['eval_s']:.0f} s)", flush=True)
+    return out
+
+
+def paired_with_controls(scores):
+    """Each run against control_seedK of its seed: ΔPSNR of every reconstruction, Δ edit success and Δ pixel
+    MSE outside the shape (paired over images)."""
+    rows = {}
+    for run, r in scores.items():
+        if run.startswith("control"):
+            continue
+        seed = run.rsplit("_seed", 1)[1] if "_seed" in run else None
+        control = scores.get("control" + (f"_seed{seed}" if seed else ""))
+        if control is None:
+            continue
+        rows[run] = {inv: instruments.paired_difference(r[inv]["per_image"]["psnr"], control[inv]["per_image"]["psnr"])
+                     for inv in r if isinstance(r[inv], dict) and "per_image" in r[inv] and inv != "edit"}
+        rows[run].update({f"edit_{k}": instruments.paired_difference(r["edit"]["per_image"][k],
+                                                                     control["edit"]["per_image"][k])
+                          for k in ("success", "outside_mse")})
+    return rows
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m toy.diagnose", description=__doc__.split("\n")[0])
-    parser.add_argument("check", choices=("instrument", "inversion"), help="which check (see above)")
+    parser.add_argument("check", choices=("instrument", "inversion", "images"), help="which check (see above)")
     parser.add_argument("--cache", default="runs/tables", help="the tables' cache (LoRAs, cached scores; default: runs/tables)")
     parser.add_argument("--runs", nargs="+", default=["control", "ours"],
                         help="runs of the tables' cache (default: control ours; 'base' for the base model)")
     parser.add_argument("--cell", default="A50", help="instrument: the cell whose frames are scored (default: A50)")
     parser.add_argument("--images", type=int, default=16, help="inversion: validation images (default: 16)")
     parser.add_argument("--steps", type=int, default=50, help="inversion: DDIM steps (default: 50)")
+    parser.add_argument("--image-seed", type=int, default=13, choices=range(12, 1000), metavar="SEED",
+                        help="images: the draw of real held-out images (default: 13; not 11, the tables' own)")
     parser.add_argument("--out", default=None, help="write the numbers as JSON here")
     return parser
 
@@ -136,7 +187,13 @@ def main(argv=None):
     for run in args.runs:
         if not (cache / run).is_dir():
             raise SystemExit(f"python -m toy.diagnose: error: no run {run!r} in {cache}; run `python -m toy tables` first.")
-    if args.check == "instrument":
+    if args.check == "images":
+        results["scores"] = second_image_set(cache, args.runs, args.image_seed)
+        results["paired"] = paired_with_controls(results["scores"])
+        for run, row in results["paired"].items():
+            print(f"{run} vs its control (images {args.image_seed}): " + ", ".join(
+                f"{k} {d['mean']:+.4f} +- {d['se']:.4f}" for k, d in row.items()), flush=True)
+    elif args.check == "instrument":
         from toy import tables
 
         real, _ = world.make_images(1000, seed=7, split="heldout")  # the tables' real set (and the report's first 500)

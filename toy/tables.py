@@ -42,8 +42,8 @@ DDIM steps ~1 min and at 25 steps ~0.5 min):
     4,900 plain and 11,600 regularized: ~94 min of training;
   * 22 models (the base and the 21 runs) x 4 cells x 64 strips = 5,632 strips of 11 frames, ~3 min per
     model: ~66 min of sampling;
-  * Table 2: 10 models x 32 images through DDIM inversion and null-text inversion: ~25 min.
-So ~3 hours of one core; training runs in a background process beside the scoring, so on 2 idle cores
+  * Table 2: 22 models x 32 images through DDIM inversion and null-text inversion: ~55 min.
+So ~3.5 hours of one core; training runs in a background process beside the scoring, so on 2 idle cores
 the wall time is about the training's ~1.5 hours (longer on a busy machine).
 
 Everything is written to `OUT/results.json` and `OUT/tables.md` after every model it scores. LoRA runs and
@@ -200,15 +200,17 @@ def table_rows(p):
     """Table -> the plan names in its rows (before aliasing)."""
     controls = list(dict.fromkeys(control_name(f) for f in FORMS))
     lam = main_job.OUR_FORM["lambda_reg"]
-    return {
+    rows = {
         "table1": ["base", *controls, *FORMS],
         "lambda": [*controls, *(f"paper_lambda{round_lambda(x):g}" for x in p.paper_lambdas),
                    *(f"ours_lambda{round_lambda(f * lam):g}" for f in p.our_lambda_factors)],
         "length": [f"{n}_steps{s}" for s in p.lengths for n in (*controls, *FORMS)],
         "seeds": [n + suffix for suffix in ("", *(f"_seed{s}" for s in p.seeds[1:])) for n in (*controls, *FORMS)],
-        "reconstruction": [*controls, *FORMS, "base",
-                           *(n + f"_seed{s}" for s in p.seeds[1:] for n in (*controls, *FORMS))],
     }
+    # Table 2 for every LoRA of the tables (issue 21: does the downstream gain track smoothness?), each once
+    rows["reconstruction"] = list(dict.fromkeys([*controls, *FORMS, "base", *rows["seeds"], *rows["lambda"],
+                                                 *rows["length"]]))
+    return rows
 
 
 def train_flags(flags):
@@ -228,7 +230,7 @@ def estimate_seconds(p, plan, step_s=0.2, reg_factor=2.0, strip_step_s=60 / (64 
     return {"runs": len(runs), "train_steps": sum(s for s, _ in steps),
             "train_s": sum(s * step_s * (reg_factor if reg else 1.0) for s, reg in steps),
             "strips": strips, "score_s": models * p.strips * len(p.sets) * sum(p.step_counts) * strip_step_s,
-            "recon_s": len(table_rows(p)["reconstruction"]) * recon_s}
+            "recon_s": len({names[n] for n in table_rows(p)["reconstruction"]}) * recon_s}
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -351,11 +353,11 @@ def reconstruct(models, images01, captions, targets, p, nti=True):
     return {**out, **{k: sampler.decode_latents(models.vae, z) for k, z in (("nti", nti), ("edit", edited))}}
 
 
-def recon_inputs(p):
+def recon_inputs(p, seed=11):
     """The Table 2 images: the Eq. 15 figure's red circle first, then `recon_images` real held-out images
-    (only these are scored; `report.inversion_inputs`). Returns (images01, captions, edit targets, the
-    attribute dicts, the target colours)."""
-    images, captions, attributes = report.inversion_inputs(p.recon_images)
+    (only these are scored; `report.inversion_inputs`; another seed: a disjoint draw). Returns (images01,
+    captions, edit targets, the attribute dicts, the target colours)."""
+    images, captions, attributes = report.inversion_inputs(p.recon_images, seed=seed)
     images = torch.cat([instruments.images01(np.array(world.draw(EDIT_SOURCE)[None])), images])
     attributes = [EDIT_SOURCE, *attributes]
     targets = [world.caption({**EDIT_SOURCE, "colour": EDIT_TARGET_COLOUR})] + [edit_target(a) for a in attributes[1:]]
@@ -490,6 +492,7 @@ def reconstruction_table(results, names):
     """Table 2: MSE / PSNR / SSIM of DDIM inversion (at every step count) and NTI, the VAE's optimum, and
     the Eq. 15 edits: what changed (the target colour), what stayed (the other attributes, the pixels
     outside the shape), each paired with the model's control."""
+    names = list(dict.fromkeys(results["rows"].get(n, {}).get("run", n) for n in names))  # aliases: once
     recon, labels = results.get("reconstruction", {}), {n: results["rows"].get(n, {}).get("label", n) for n in names}
     steps = max(results["protocol"]["step_counts"])
     inversions = inversion_keys(results["protocol"])
@@ -603,11 +606,11 @@ def tradeoff_table(results):
 
 
 def claims_points(results):
-    """The paper's three claims for every regularized run of the seed table, against its own control:
+    """The paper's three claims for every regularized run of the tables, against its own control:
     the trade-off numbers (`tradeoff`) and the paired Table 2 differences: {"inversion": {"ddim_10", ...,
     "nti": ΔPSNR dicts}, "edit": {"success", "outside_mse": Δ dicts}}. Only runs whose ISTD is complete."""
-    rows, recon, points = results["rows"], results.get("reconstruction", {}), {}
-    for name in results["tables"]["seeds"]:
+    rows, recon, points, t = results["rows"], results.get("reconstruction", {}), {}, results["tables"]
+    for name in [*t["seeds"], *t["lambda"], *t["length"]]:
         row = rows.get(name, {})
         if not row.get("reference") or row["run"].startswith("control") or row["run"] in points:
             continue
@@ -829,9 +832,16 @@ def scaled(d, factor):
     return None if d is None else {**d, "mean": factor * d["mean"], "se": factor * d["se"]}
 
 
+def short_label(name):
+    """A run's name without its form: "ours_seed1" -> "s1", "paper_lambda10" -> "λ10", "ours_steps1000" ->
+    "1000 st", "ours" -> "s0"."""
+    tag = name.split("_", 1)[1] if "_" in name else "seed0"
+    return tag.replace("seed", "s").replace("lambda", "λ").replace("steps", "") + (" st" if "steps" in tag else "")
+
+
 def save_claims_plot(path, points, size=(1800, 380), margin=(60, 30, 20, 50)):
     """claims.png: does the downstream gain track smoothness? One dot per regularized run (blue: the
-    paper's form, red: ours; labelled by seed), x = ISTD change vs its control (%); panels: y = ΔPSNR of
+    paper's form, red: ours; labelled by `short_label`), x = ISTD change vs its control (%); panels: y = ΔPSNR of
     DDIM inversion at the largest step count (Table 2's CFG), at the fewest steps sampled back at CFG 1
     (dB), Δ edit success and Δ pixel MSE outside the shape; bars: ± 1 s.e."""
     cfg1 = sorted((k for p in points.values() for k in p["inversion"] if k.startswith("ddim1_")),
@@ -875,7 +885,7 @@ def save_claims_plot(path, points, size=(1800, 380), margin=(60, 30, 20, 50)):
             pen.line([to_px(100 * p["istd"], d["mean"] - d["se"]), to_px(100 * p["istd"], d["mean"] + d["se"])],
                      fill=colour)
             pen.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour)
-            pen.text((cx + 6, cy - 6), name.split("_")[-1] if "_seed" in name else "seed0", fill=colour)
+            pen.text((cx + 6, cy - 6), short_label(name), fill=colour)
     image.save(path)
 
 
@@ -1027,31 +1037,36 @@ def cell_features(cache, name, cell):
     return torch.load(Path(cache) / name / f"scores_{cell}.pt", weights_only=True)["features"].double().numpy()
 
 
+def score_reconstruction(models, inputs, p, nti=True):
+    """Table 2's numbers for one model on `inputs` (recon_inputs; image 0, the Eq. 15 figure's source, is not
+    scored): per-image and mean MSE / PSNR / SSIM of every reconstruction and, with nti, the Eq. 15 edits
+    scored on what changed and what stayed. Returns (numbers, the figure's images or {})."""
+    images, captions, targets, attributes, target_colours = inputs
+    scored = slice(1, None)
+    r = reconstruct(models, images, captions, targets, p, nti=nti)
+    result = {inv: {"per_image": report.image_metrics(r[inv][scored], images[scored])} for inv in r if inv != "edit"}
+    for inv in result:
+        result[inv].update({k: float(np.mean(v)) for k, v in result[inv]["per_image"].items()})
+    if "edit" not in r:  # nti=False
+        return result, {}
+    acc = world.caption_accuracy(r["edit"][scored], targets[scored])
+    kept = report.edit_scores(r["edit"][scored], images[scored], attributes[scored], target_colours[scored])
+    # the same pixel distance for the NTI reconstruction: what inverting alone costs outside the shape
+    nti_kept = report.edit_scores(r["nti"][scored], images[scored], attributes[scored],
+                                  [a["colour"] for a in attributes[scored]])
+    result["edit"] = {"caption": acc["caption"], "colour": acc["colour"], **kept,
+                      "nti_outside_mse": nti_kept["outside_mse"]}
+    return result, {"source": images[0], "nti": r["nti"][0], "edit": r["edit"][0]}
+
+
 def reconstruct_model(s, name, models, key, inputs):
     """Table 2's numbers of one model (cached), and its Eq. 15 figure images."""
-    images, captions, targets, attributes, target_colours = inputs
-    scored = slice(1, None)  # image 0 is the edit figure's source, not a held-out image
 
     def compute():
         t0 = time.time()
         s.results["computed"].append(f"reconstruct {name}")
-        r = reconstruct(models, images, captions, targets, s.p, nti=not s.args.no_nti)
-        result = {inv: {"per_image": report.image_metrics(r[inv][scored], images[scored])}
-                  for inv in r if inv != "edit"}
-        for inv in result:
-            result[inv].update({k: float(np.mean(v)) for k, v in result[inv]["per_image"].items()})
-        result["eval_s"] = round(time.time() - t0, 1)
-        if "edit" not in r:  # --no-nti
-            return result, {}
-        acc = world.caption_accuracy(r["edit"][scored], targets[scored])
-        kept = report.edit_scores(r["edit"][scored], images[scored], attributes[scored], target_colours[scored])
-        # the same pixel distance for the NTI reconstruction: what inverting alone costs outside the shape
-        nti = report.edit_scores(r["nti"][scored], images[scored], attributes[scored],
-                                 [a["colour"] for a in attributes[scored]])
-        result["edit"] = {"caption": acc["caption"], "colour": acc["colour"], **kept,
-                          "nti_outside_mse": nti["outside_mse"]}
-        result["eval_s"] = round(time.time() - t0, 1)
-        return result, {"source": images[0], "nti": r["nti"][0], "edit": r["edit"][0]}
+        result, figure = score_reconstruction(models, inputs, s.p, nti=not s.args.no_nti)
+        return {**result, "eval_s": round(time.time() - t0, 1)}, figure
 
     s.results["reconstruction"][name], s.edits[name] = cached(s.cache / name / "reconstruction.json", key, compute)
     r = s.results["reconstruction"][name]
