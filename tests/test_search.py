@@ -34,9 +34,10 @@ def scores(istd_per_cell, features, cells=("V25",), strips=8, frames=3):
     """A model's synthetic scores: per-strip ISTD, caption accuracy, KID-proxy against fixed real features."""
     real = np.random.default_rng(0).normal(size=(60, 4))
     return {**{c: {"per_strip_istd": list(istd_per_cell[c]), "istd": float(np.mean(istd_per_cell[c])),
-                   "caption_accuracy": 1.0,
+                   "caption_accuracy": {"caption": 1.0},
                    "kid_proxy": instruments.kid(features, real, groups_a=np.repeat(np.arange(strips), frames))}
-               for c in cells}, "inversion": {f"{n}_cfg{g}": [20.0, 21.0, 22.0] for n in (10, 50) for g in ("1", "7.5")}}
+               for c in cells},
+            "inversion": {**{f"{n}_cfg{g}": [20.0, 21.0, 22.0] for n in (10, 50) for g in ("1", "7.5")}, "eval_s": 1.0}}
 
 
 def test_the_goal_needs_istd_at_most_060x_in_every_cell_and_kid_within_2_se():

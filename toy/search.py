@@ -109,9 +109,9 @@ def compare(scores, control):
         d["relative_se"] = d["se"] / control[c]["istd"]
     row = {"istd": istd,
            "kid": {c: instruments.kid_difference(scores[c]["kid_proxy"], control[c]["kid_proxy"]) for c in cells},
-           "caption": {c: scores[c]["caption_accuracy"] - control[c]["caption_accuracy"] for c in cells},
+           "caption": {c: scores[c]["caption_accuracy"]["caption"] - control[c]["caption_accuracy"]["caption"] for c in cells},
            "inversion": {k: instruments.paired_difference(v, control["inversion"][k])
-                         for k, v in scores["inversion"].items()}}
+                         for k, v in scores["inversion"].items() if k != "eval_s"}}
     row["goal"] = all(row["istd"][c]["relative"] <= GOAL_ISTD for c in cells) and \
         all(row["kid"][c]["mean"] <= 2 * row["kid"][c]["se"] for c in cells)
     return row
