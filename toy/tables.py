@@ -905,8 +905,8 @@ def parse_args(argv):
     parser.add_argument("--no-nti", action="store_true",
                         help="Table 2 by DDIM inversion only: no null-text inversion and no Eq. 15 edits (~10x faster)")
     parser.add_argument("--cells", nargs="+", default=None, metavar="CELL",
-                        help="score only these cells (e.g. A50, the quality cell); the others stay 'pending' and "
-                             "no row 'holds' (default: all four)")
+                        help="score only these cells (e.g. A50, the quality cell); the others are shown where the "
+                             "cache has them, else stay 'pending' and no row 'holds' (default: all four)")
     parser.add_argument("--runs", nargs="+", default=None, metavar="NAME",
                         help="only these runs of --plan (and the controls they are paired with); add 'base' for "
                              "the base model's row and 'table2' for the reconstructions; the other rows stay "
@@ -1011,9 +1011,13 @@ def score_cells(s, name, models, key, real_features):
     quality instrument: `cell_features`)."""
     s.results["scores"].setdefault(name, {})
     for cell in s.p.cells:
-        if s.args.cells and cell_name(cell) not in s.args.cells:
-            continue
         _, seed, steps = cell
+        cell_key = {**key, "cell": [seed, steps]}
+        path = s.cache / name / f"scores_{cell_name(cell)}.json"
+        if s.args.cells and cell_name(cell) not in s.args.cells:  # not computed; shown if scored before
+            if path.is_file() and json.loads(path.read_text())["key"] == cell_key:
+                s.results["scores"][name][cell_name(cell)] = json.loads(path.read_text())["result"]
+            continue
 
         def compute():
             t0 = time.time()
@@ -1023,8 +1027,7 @@ def score_cells(s, name, models, key, real_features):
             return {**report.score_strips(strips, s.results["prompts"], real_features),
                     "eval_s": round(time.time() - t0, 1)}, {"strips": strips[:3].clone(), "features": features.float()}
 
-        cell_key = {**key, "cell": [seed, steps]}
-        score, first = cached(s.cache / name / f"scores_{cell_name(cell)}.json", cell_key, compute)
+        score, first = cached(path, cell_key, compute)
         s.results["scores"][name][cell_name(cell)] = score
         if cell == s.p.quality_cell:
             s.strips[name] = first["strips"]
