@@ -104,12 +104,14 @@ def compare(scores, control):
     """Paired differences of a candidate against its control: ISTD (relative, per cell), KID-proxy, caption
     accuracy and inversion PSNR; and whether the goal is met."""
     cells = [c for c in scores if c != "inversion"]
-    istd = {c: instruments.paired_difference(scores[c]["per_strip_istd"], control[c]["per_strip_istd"]) for c in cells}
+    istd = {c: instruments.paired_difference(scores[c]["per_strip_istd"], control[c]["per_strip_istd"])
+            for c in cells}
     for c, d in istd.items():
         d["relative_se"] = d["se"] / control[c]["istd"]
+    caption = lambda s: s["caption_accuracy"]["caption"]  # noqa: E731
     row = {"istd": istd,
            "kid": {c: instruments.kid_difference(scores[c]["kid_proxy"], control[c]["kid_proxy"]) for c in cells},
-           "caption": {c: scores[c]["caption_accuracy"]["caption"] - control[c]["caption_accuracy"]["caption"] for c in cells},
+           "caption": {c: caption(scores[c]) - caption(control[c]) for c in cells},
            "inversion": {k: instruments.paired_difference(v, control["inversion"][k])
                          for k, v in scores["inversion"].items() if k != "eval_s"}}
     row["goal"] = all(row["istd"][c]["relative"] <= GOAL_ISTD for c in cells) and \
@@ -118,20 +120,19 @@ def compare(scores, control):
 
 
 def table(results):
-    """Markdown: one row per candidate and seed, every cell."""
+    """Markdown: one row per candidate, seed and cell; the inversion columns on each candidate's first row."""
     lines = ["| candidate | seed | cell | ΔISTD | ΔKID-proxy (control's KID) | Δcaption acc. | "
-             "ΔPSNR 10 steps CFG 1 / 7.5 | ΔPSNR 50 steps CFG 1 / 7.5 | goal |", "|---|---|---|---|---|---|---|---|---|"]
+             "ΔPSNR 10 steps, CFG 1 / 7.5 | ΔPSNR 50 steps, CFG 1 / 7.5 | goal |", "|---|---|---|---|---|---|---|---|---|"]
+    pm = lambda d: f"{d['mean']:+.2f} ± {d['se']:.2f}"  # noqa: E731
     for r in results:
-        inv = r["compare"]["inversion"]
+        inv, first = r["compare"]["inversion"], True
         for c, d in r["compare"]["istd"].items():
-            k = r["compare"]["kid"][c]
-            lines.append(
-                f"| {r['candidate']} | {r['seed']} | {c} | {100 * d['relative']:+.0f}% ± {100 * d['relative_se']:.0f}% | "
-                f"{k['mean']:+.2f} ± {k['se']:.2f} ({r['control_kid'][c]:.2f}) | {r['compare']['caption'][c]:+.3f} | "
-                + " / ".join(f"{inv[f'{n}_cfg{g}']['mean']:+.2f} ± {inv[f'{n}_cfg{g}']['se']:.2f}"
-                             for n in (10,) for g in ("1", "7.5")) + " | "
-                + " / ".join(f"{inv[f'{n}_cfg{g}']['mean']:+.2f} ± {inv[f'{n}_cfg{g}']['se']:.2f}"
-                             for n in (50,) for g in ("1", "7.5")) + f" | {'yes' if r['compare']['goal'] else 'no'} |")
+            k, caption = r["compare"]["kid"][c], r["compare"]["caption"][c]
+            psnr = [" / ".join(pm(inv[f"{n}_cfg{g}"]) for g in ("1", "7.5")) if first else "" for n in (10, 50)]
+            lines.append(f"| {r['candidate']} | {r['seed']} | {c} | {100 * d['relative']:+.0f}% ± "
+                         f"{100 * d['relative_se']:.0f}% | {pm(k)} ({r['control_kid'][c]:.2f}) | {caption:+.3f} | "
+                         f"{psnr[0]} | {psnr[1]} | {'yes' if r['compare']['goal'] else 'no'} |")
+            first = False
     return "\n".join(lines)
 
 
