@@ -115,7 +115,13 @@ def test_the_plan_derives_every_run_from_toy_defaults_and_the_two_forms():
         pytest.approx([lam / 3, lam, 3 * lam, 10 * lam])
     names = tables.canonical(plan)  # the same flags: trained and scored once
     assert names["ours_steps300"] == "ours" and names["paper_lambda1"] == "paper" and names["paper_seed1"] != "paper"
-    assert len(set(names.values())) == 22  # the base and 21 LoRA runs
+    assert len(set(names.values())) == 26  # the base and 25 LoRA runs
+    for seed in (1, 2):  # the validation search's choice at every seed, against the control of its length and seed
+        chosen = plan[f"ours_steps1000_seed{seed}"]
+        assert chosen.flags == {**plan["ours_steps1000"].flags, "seed": seed}
+        assert chosen.control == f"control_steps1000_seed{seed}"
+        assert plan[chosen.control].flags == {**plan["control_steps1000"].flags, "seed": seed}
+    assert tables.table_rows(FULL)["chosen"][:2] == ["control_steps1000", "ours_steps1000"]
     for table in tables.table_rows(FULL).values():
         assert set(table) <= set(plan)
 
@@ -150,11 +156,12 @@ def test_changing_our_form_in_toy_changes_the_runs_without_editing_tables(monkey
 
 def test_the_estimate_counts_the_runs_steps_and_strips():
     e = tables.estimate_seconds(FULL, tables.plan_runs(FULL))
-    assert e["runs"] == 21 and e["strips"] == 22 * 4 * 64
+    assert e["runs"] == 25 and e["strips"] == 26 * 4 * 64
     # 3 runs x 3 seeds, 3 + 3 more lambdas at 300 steps; 3 runs at 1000 and at 3000 (see the docstring)
-    assert e["train_steps"] == 9 * 300 + 6 * 300 + 3 * 1000 + 3 * 3000 == 16_500
-    assert e["train_s"] == pytest.approx(0.2 * (4900 + 2 * 11600))
-    assert e["recon_s"] == 22 * 150  # Table 2 for the base and every LoRA, each once
+    # and the validation search's choice (ours, 1000 steps) and its control at seeds 1 and 2
+    assert e["train_steps"] == 9 * 300 + 6 * 300 + 3 * 1000 + 3 * 3000 + 4 * 1000 == 20_500
+    assert e["train_s"] == pytest.approx(0.2 * (6900 + 2 * 13600))  # plain and regularized steps
+    assert e["recon_s"] == 26 * 150  # Table 2 for the base and every LoRA, each once
 
 
 def test_table2_covers_every_model_once_and_the_claims_plot_labels_each_run():
@@ -169,7 +176,7 @@ def test_plan_prints_every_run_and_the_estimate_and_trains_nothing(capsys, monke
     assert tables.main(["--plan"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == len(tables.plan_runs(FULL)) + 1 and "ours_steps300 (= ours)" in "\n".join(out)
-    assert out[-1].startswith("21 LoRA runs, 16500 toy steps: ~94 min of training; 5632 strips: ~66 min")
+    assert out[-1].startswith("25 LoRA runs, 20500 toy steps: ~114 min of training; 6656 strips: ~78 min")
 
 
 def test_edit_targets_change_only_the_shape_colour_and_never_to_the_background():
