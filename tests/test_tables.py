@@ -327,6 +327,10 @@ def test_quick_pipeline_writes_every_table_and_figure_then_reuses_its_cache(tiny
     md = (tmp_path / "out" / "tables.md").read_text()
     assert "pending" not in md and "`python -m toy tables --quick`" in md
     assert "### The trade-off" in md and "### The paper's three claims" in md and "instrument's own noise" in md
+    assert "### Quality in every cell" in md and "### The validation search's choice at three seeds" in md
+    kid_cells = results["rows"]["ours_seed1"]["kid_vs_control_cells"]  # against control_seed1, every cell
+    assert set(kid_cells) == set(quick_cells) and kid_cells["B2"]["mean"] == pytest.approx(
+        results["scores"]["ours_seed1"]["B2"]["kid_proxy"]["kid"] - results["scores"]["control_seed1"]["B2"]["kid_proxy"]["kid"])
     claims = tables.claims_points(results)  # every regularized run, each against its own control
     assert set(claims) == {names[n] for n, run in plan.items() if run.flags and run.flags["lambda_reg"] > 0}
     assert {f + s for f in ("paper", "ours") for s in ("", "_seed1", "_seed2")} <= set(claims)
