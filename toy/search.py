@@ -1,21 +1,20 @@
-"""Issue 21's search for a Smooth-LoRA setting that smooths more at no quality cost, on VALIDATION data only,
-and the one confirmation of the choice on the held-out protocol.
+"""Issue 21's search for a Smooth-LoRA setting that smooths more at no quality cost, on VALIDATION data only.
 
-    python -m toy.search                                   # every candidate, validation data (~1 h, 1 thread)
+    python -m toy.search                                   # every candidate (~20 min, 1 thread)
     python -m toy.search --candidates ours ours_lambda3    # some of them
-    python -m toy.search --heldout --seeds 0 1 2 --candidates ours_steps1000   # confirm a choice, held-out
+
+The choice is confirmed once on the held-out protocol by `python -m toy tables` (`tables.Protocol.chosen`,
+at every training seed, against the controls the tables already score).
 
 Every candidate is OUR_FORM (the default, 300 steps) with a few train.py flags changed (`CANDIDATES`),
 trained by `tables.train_run` (cached under --cache) and paired with the lambda-0 control of the same length
 and seed: the tables' control, so each comparison is a paired difference on the same strips and images.
 
-Validation (the default): 24 captions of training triples (`validation_prompts`: 12 triples x 2 sizes, no
+Validation: 24 captions of training triples (`validation_prompts`: 12 triples x 2 sizes, no
 held-out triple), 48 strips (every prompt twice) of noise pairs 2000..2047, DDIM 25 steps, CFG 7.5; the
 KID-proxy (toy/instruments.py) against 500 training-split images of another seed than the training data's;
 DDIM inversion of 16 training-triple images (toy.diagnose's validation images) at 10 and 50 steps, inverted
 without guidance and sampled back at CFG 1 (the inversion's own error) and 7.5 (Table 2's protocol).
-Held-out (--heldout): the tables' protocol (tables.Protocol: sets A and B of 64 strips at 25 and 50 steps,
-1000 real held-out images; the 32 real held-out images of Table 2).
 The goal (issue 21): ISTD <= 0.60x the control in every cell, and the KID-proxy not worse than the control's
 by more than 2 standard errors of the paired difference.
 """
@@ -50,14 +49,8 @@ def validation_prompts():
             for s, c, b in world.triples("train")[::6][:12] for z in world.SIZES]
 
 
-def protocol(heldout):
-    """(prompts, cells [(name, seed, steps)], strips, real images uint8, inversion images01 and captions)."""
-    if heldout:
-        p = tables.Protocol()
-        real, _ = world.make_images(p.real, seed=7, split="heldout")  # the tables' real set
-        images01, captions, _ = report.inversion_inputs(p.recon_images)
-        return (world.heldout_prompts(), [(tables.cell_name(c), c[1], c[2]) for c in p.cells], p.strips, real,
-                images01, captions)
+def protocol():
+    """(prompts, cells [(name, noise seed, steps)], strips, real images uint8, inversion images01 and captions)."""
     real, _ = world.make_images(500, seed=41, split="train")
     images, attributes = world.make_images(16, seed=31, split="train")  # toy.diagnose's validation images
     return (validation_prompts(), [("V25", 2000, 25)], 48, real, instruments.images01(images),
@@ -74,10 +67,10 @@ def run_flags(name, seed):
     return flags, control, run.flags
 
 
-def score_model(cache, name, lora_path, setup, heldout):
+def score_model(cache, name, lora_path, setup):
     """ISTD and quality proxies per cell, and inversion PSNRs, of one model (cached by the LoRA's bytes)."""
     prompts, cells, strips, real, images01, captions = setup
-    key = {"lora": tables.sha256(lora_path), "heldout": heldout, "prompts": prompts, "strips": strips}
+    key = {"lora": tables.sha256(lora_path), "heldout": False, "prompts": prompts, "strips": strips}
     models = None
     out = {}
     for cell, seed, steps in [*cells, ("inversion", None, None)]:
@@ -141,8 +134,6 @@ def build_parser():
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES),
                         metavar="NAME", help=f"which candidates (default: all: {', '.join(CANDIDATES)})")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds (default: 0)")
-    parser.add_argument("--heldout", action="store_true",
-                        help="score on the held-out protocol (the confirmation; never to choose)")
     parser.add_argument("--cache", default="runs/search", help="LoRA runs and scores (default: runs/search)")
     parser.add_argument("--data", default=str(ROOT / "data" / "toy"), help="training images (world.prepare_data)")
     parser.add_argument("--threads", type=int, default=1, choices=range(1, 65), metavar="N",
@@ -154,15 +145,14 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     world.prepare_data(args.data)
-    setup, results = protocol(args.heldout), []
-    split = "heldout" if args.heldout else "validation"
+    setup, results, split = protocol(), [], "validation"
     for seed in args.seeds:
         for name in args.candidates:
             flags, control_name, control_flags = run_flags(name, seed)
             run_name = name + (f"_seed{seed}" if seed else "")
             loras = {n: tables.train_run(n, f, str(world.MODEL_DIR), args.data, args.cache, args.threads)["lora"]
                      for n, f in ((control_name, control_flags), (run_name, flags))}
-            scores = {n: score_model(args.cache, f"{split}/{n}", path, setup, args.heldout) for n, path in loras.items()}
+            scores = {n: score_model(args.cache, f"{split}/{n}", path, setup) for n, path in loras.items()}
             row = {"candidate": name, "seed": seed, "flags": flags, "control": control_name,
                    "compare": compare(scores[run_name], scores[control_name]),
                    "control_kid": {c: v["kid_proxy"]["kid"] for c, v in scores[control_name].items() if c != "inversion"}}
