@@ -266,11 +266,13 @@ def test_the_tradeoff_is_the_mean_relative_istd_change_and_the_quality_proxies_a
     assert Image.open(tmp_path / "tradeoff.png").size == (640, 440)
 
 
-def stub_train_run(name, flags, model, data, cache, threads=1):
+def stub_train_run(name, flags, model, data, cache, threads=1, cached_only=False):
     """A random LoRA per run instead of train.py, kept once written (as train_run's cache does)."""
     out = cache / name
     if (out / "smooth_lora.safetensors").is_file():
         return {"lora": str(out / "smooth_lora.safetensors"), "wall_s": 1.0, "train_loop_s": 1.0, "cached": True}
+    if cached_only:
+        return None
     models = tables.load(model)
     lora.inject_lora(models.unet, rank=flags["rank"])
     seed = int(flags["lambda_reg"] * 10) + flags["max_steps"] + 1000 * flags.get("seed", 0)
@@ -338,6 +340,8 @@ def test_quick_pipeline_writes_every_table_and_figure_then_reuses_its_cache(tiny
     for figure in ("interpolation.png", "edit.png", "tradeoff.png", "claims.png"):
         assert Image.open(tmp_path / "out" / figure).size[0] > 100
 
+    figure = (tmp_path / "out" / "interpolation.png").read_bytes()
+
     # Run again: everything comes from the cache, nothing is sampled or inverted.
     def fail(*args, **kwargs):
         raise AssertionError("the cache was not used")
@@ -350,6 +354,15 @@ def test_quick_pipeline_writes_every_table_and_figure_then_reuses_its_cache(tiny
     # --cells computes only the cells named; the others are still shown from the cache
     assert tables.main([*argv, "--cells", "A3"]) == 0
     assert json.loads((tmp_path / "out" / "results.json").read_text())["scores"] == results["scores"]
+    # --cached-only: the same tables from the cache; from an empty cache, every row pending, nothing trained
+    assert tables.main([*argv, "--cached-only"]) == 0
+    again = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert again["scores"] == results["scores"] and again["reconstruction"] == results["reconstruction"]
+    assert (tmp_path / "out" / "interpolation.png").read_bytes() == figure
+    assert tables.main([*argv[:-1], str(tmp_path / "empty"), "--cached-only"]) == 0
+    empty = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert empty["scores"] == {"base": {}} and set(empty["reconstruction"]) <= {"vae", "base"}
+    assert "pending" in (tmp_path / "out" / "tables.md").read_text()
 
 
 def test_bad_arguments_end_in_an_error_line(capsys, tmp_path):

@@ -250,11 +250,12 @@ def sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def train_run(name, flags, model, data, cache, threads=1):
+def train_run(name, flags, model, data, cache, threads=1, cached_only=False):
     """Train one LoRA with train.py in a subprocess, or reuse it: a run is cached when its
     smooth_lora.safetensors exists and was made by the same flags, from the same base UNet and toy images
     (world.DATA_RECORD), by the same training code (TRAINING_CODE).
-    Returns {"lora", "wall_s" (of the subprocess), "train_loop_s" (train.py's own clock), "cached"}."""
+    Returns {"lora", "wall_s" (of the subprocess), "train_loop_s" (train.py's own clock), "cached"}; with
+    cached_only, None instead of training."""
     out = Path(cache) / name
     args = ["--model", str(model), "--data", str(data), "--out", str(out), *train_flags(flags)]
     record = Path(data) / world.DATA_RECORD  # the fingerprint of toy images (other data: its path only)
@@ -266,6 +267,8 @@ def train_run(name, flags, model, data, cache, threads=1):
         record = json.loads(record_path.read_text())
         if record["key"] == key:
             return {**record["result"], "cached": True}
+    if cached_only:
+        return None
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # 1 thread is fastest on a busy 2-core machine
     t0 = time.time()
@@ -947,6 +950,8 @@ def parse_args(argv):
     parser.add_argument("--cells", nargs="+", default=None, metavar="CELL",
                         help="score only these cells (e.g. A50, the quality cell); the others are shown where the "
                              "cache has them, else stay 'pending' and no row 'holds' (default: all four)")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="compute nothing: every table from what --cache holds, 'pending' elsewhere (seconds)")
     parser.add_argument("--runs", nargs="+", default=None, metavar="NAME",
                         help="only these runs of --plan (and the controls they are paired with); add 'base' for "
                              "the base model's row and 'table2' for the reconstructions; the other rows stay "
@@ -1035,6 +1040,8 @@ def lora_of(s, name):
     if s.plan[name].flags is None:
         return None, "none"
     run = s.futures[name].result()
+    if run is None:  # --cached-only and never trained
+        return None, None
     if name not in s.results["runs"]:
         s.results["runs"][name] = {**run, "flags": s.plan[name].flags,
                                    "last_50_steps": training_summary(Path(run["lora"]).parent / "log.jsonl")}
@@ -1054,9 +1061,11 @@ def score_cells(s, name, models, key, real_features):
         _, seed, steps = cell
         cell_key = {**key, "cell": [seed, steps]}
         path = s.cache / name / f"scores_{cell_name(cell)}.json"
-        if s.args.cells and cell_name(cell) not in s.args.cells:  # not computed; shown if scored before
+        if s.args.cached_only or (s.args.cells and cell_name(cell) not in s.args.cells):  # shown if scored before
             if path.is_file() and json.loads(path.read_text())["key"] == cell_key:
                 s.results["scores"][name][cell_name(cell)] = json.loads(path.read_text())["result"]
+                if cell == s.p.quality_cell:  # the figures' strips
+                    s.strips[name] = torch.load(path.with_suffix(".pt"), weights_only=True)["strips"]
             continue
 
         def compute():
@@ -1111,7 +1120,10 @@ def reconstruct_model(s, name, models, key, inputs):
         result, figure = score_reconstruction(models, inputs, s.p, nti=not s.args.no_nti)
         return {**result, "eval_s": round(time.time() - t0, 1)}, figure
 
-    s.results["reconstruction"][name], s.edits[name] = cached(s.cache / name / "reconstruction.json", key, compute)
+    path = s.cache / name / "reconstruction.json"
+    if s.args.cached_only and not (path.is_file() and json.loads(path.read_text())["key"] == key):
+        return
+    s.results["reconstruction"][name], s.edits[name] = cached(path, key, compute)
     r = s.results["reconstruction"][name]
     if not s.edits[name]:
         del s.edits[name]
@@ -1170,8 +1182,8 @@ def main(argv=None):
     wanted = selected_runs(s, args.runs)
     runs = [n for n in runs if n in wanted]
     pool = ThreadPoolExecutor(max_workers=1)  # training, one run after another, beside the scoring
-    s.futures = {n: pool.submit(train_run, n, s.plan[n].flags, args.model, args.data, s.cache, args.threads)
-                 for n in runs}
+    s.futures = {n: pool.submit(train_run, n, s.plan[n].flags, args.model, args.data, s.cache, args.threads,
+                                args.cached_only) for n in runs}
     real_images, _ = world.make_images(s.p.real, seed=7, split="heldout")
     real_features = instruments.features(instruments.images01(real_images), world.load_classifier())
     base_key = [sha256(Path(args.model) / "unet" / "diffusion_pytorch_model.safetensors"),
@@ -1189,6 +1201,8 @@ def main(argv=None):
     reconstructed = {s.names[n] for n in s.results["tables"]["reconstruction"]} if "table2" in wanted else set()
     for name in ["base", *runs] if "base" in wanted else runs:
         lora_path, lora_key = lora_of(s, name)
+        if lora_key is None:  # --cached-only: a run never trained
+            continue
         models = load(args.model, lora_path)
         score_cells(s, name, models, {"protocol": protocol, "base": base_key, "lora": lora_key}, real_features)
         if name in reconstructed:
