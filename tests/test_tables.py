@@ -167,8 +167,9 @@ def test_the_estimate_counts_the_runs_steps_and_strips():
 def test_table2_covers_every_model_once_and_the_claims_plot_labels_each_run():
     names = tables.canonical(tables.plan_runs(FULL))
     assert {names[n] for n in tables.table_rows(FULL)["reconstruction"]} == set(names.values())
-    assert [tables.short_label(n) for n in ("ours", "ours_seed2", "paper_lambda10", "ours_steps1000")] == \
-        ["s0", "s2", "λ10", "1000 st"]
+    assert [tables.short_label(n) for n in ("ours", "ours_seed2", "paper_lambda10", "ours_steps1000",
+                                            "ours_steps1000_seed1", "ours_lambda0.333333")] == \
+        ["s0", "s2", "lam10", "1000 st", "1000 st s1", "lam0.333"]
 
 
 def test_plan_prints_every_run_and_the_estimate_and_trains_nothing(capsys, monkeypatch):

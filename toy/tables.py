@@ -876,10 +876,11 @@ def scaled(d, factor):
 
 
 def short_label(name):
-    """A run's name without its form: "ours_seed1" -> "s1", "paper_lambda10" -> "λ10", "ours_steps1000" ->
-    "1000 st", "ours" -> "s0"."""
-    tag = name.split("_", 1)[1] if "_" in name else "seed0"
-    return tag.replace("seed", "s").replace("lambda", "λ").replace("steps", "") + (" st" if "steps" in tag else "")
+    """A run's name without its form, for the plot: "ours_seed1" -> "s1", "paper_lambda10" -> "lam10",
+    "ours_steps1000_seed2" -> "1000 st s2", "ours" -> "s0" (PIL's default font has no lambda)."""
+    words = {"seed": lambda v: f"s{v}", "lambda": lambda v: f"lam{float(v):.3g}", "steps": lambda v: f"{v} st"}
+    out = [words[k](part[len(k):]) for part in name.split("_")[1:] for k in words if part.startswith(k)]
+    return " ".join(out) or "s0"
 
 
 def save_claims_plot(path, points, size=(1800, 380), margin=(60, 30, 20, 50)):
