@@ -149,6 +149,8 @@ def second_image_set(cache, runs, image_seed):
 def paired_with_controls(scores):
     """Each run against control_seedK of its seed: ΔPSNR of every reconstruction, Δ edit success and Δ pixel
     MSE outside the shape (paired over images)."""
+    from toy import tables
+
     rows = {}
     for run, r in scores.items():
         if run.startswith("control"):
@@ -157,11 +159,8 @@ def paired_with_controls(scores):
         control = scores.get("control" + (f"_seed{seed}" if seed else ""))
         if control is None:
             continue
-        rows[run] = {inv: instruments.paired_difference(r[inv]["per_image"]["psnr"], control[inv]["per_image"]["psnr"])
-                     for inv in r if isinstance(r[inv], dict) and "per_image" in r[inv] and inv != "edit"}
-        rows[run].update({f"edit_{k}": instruments.paired_difference(r["edit"]["per_image"][k],
-                                                                     control["edit"]["per_image"][k])
-                          for k in ("success", "outside_mse")})
+        psnr, edit = tables.reconstruction_vs_control(r, control)
+        rows[run] = {**psnr, **{f"edit_{k}": d for k, d in edit.items()}}
     return rows
 
 

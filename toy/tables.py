@@ -379,13 +379,22 @@ def recon_inputs(p, seed=11):
             [world.parse_caption(t)["colour"] for t in targets])
 
 
-def cached(path, key, compute):
-    """compute() once per key: the JSON result (and, for tensors, a .pt beside it) lives in `path`."""
+def cached_record(path, key):
+    """(result, tensors) that `cached` stored in `path` for this key, or None."""
     path = Path(path)
     if path.is_file():
         record = json.loads(path.read_text())
         if record["key"] == key:
             return record["result"], torch.load(path.with_suffix(".pt"), weights_only=True)
+    return None
+
+
+def cached(path, key, compute):
+    """compute() once per key: the JSON result (and, for tensors, a .pt beside it) lives in `path`."""
+    path = Path(path)
+    found = cached_record(path, key)
+    if found is not None:
+        return found
     result, tensors = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(tensors, path.with_suffix(".pt"))
@@ -1013,6 +1022,18 @@ def start(args):
     return Session(args, p, out, cache, plan, canonical(plan), results)
 
 
+def reconstruction_vs_control(rec, control):
+    """Table 2's numbers of a model against its control's, paired per image: ({inversion: ΔPSNR},
+    {"success", "outside_mse": Δ of the Eq. 15 edits} or {} without edits)."""
+    psnr = {inv: instruments.paired_difference(rec[inv]["per_image"]["psnr"], control[inv]["per_image"]["psnr"])
+            for inv in rec if inv.startswith(("ddim", "nti")) and inv in control}
+    edit = {}
+    if "per_image" in rec.get("edit", {}) and "per_image" in control.get("edit", {}):
+        edit = {k: instruments.paired_difference(rec["edit"]["per_image"][k], control["edit"]["per_image"][k])
+                for k in ("success", "outside_mse")}
+    return psnr, edit
+
+
 def write(s):
     r = s.results
     r["rows"] = {n: summary(n, s.plan, s.names, r["scores"], s.p) for n in s.plan}
@@ -1020,12 +1041,11 @@ def write(s):
         reference = s.plan[name].control if name in s.plan else None  # a form at seed s: the control at seed s
         control = r["reconstruction"].get(s.names[reference]) if reference else None
         if control is not None and rec is not control:
-            for inv in (k for k in rec if k.startswith(("ddim", "nti")) and k in control):
-                rec[inv]["psnr_vs_control"] = instruments.paired_difference(rec[inv]["per_image"]["psnr"],
-                                                                            control[inv]["per_image"]["psnr"])
-            if "per_image" in rec.get("edit", {}) and "per_image" in control.get("edit", {}):
-                rec["edit"]["vs_control"] = {k: instruments.paired_difference(
-                    rec["edit"]["per_image"][k], control["edit"]["per_image"][k]) for k in ("success", "outside_mse")}
+            psnr, edit = reconstruction_vs_control(rec, control)
+            for inv, d in psnr.items():
+                rec[inv]["psnr_vs_control"] = d
+            if edit:
+                rec["edit"]["vs_control"] = edit
     r["scoring_s"] = sum(c.get("eval_s", 0) for m in r["scores"].values() for c in m.values())
     r["reconstruction_s"] = sum(x.get("eval_s", 0) for x in r["reconstruction"].values())
     r["total_s"] = time.time() - s.t_start
@@ -1063,10 +1083,11 @@ def score_cells(s, name, models, key, real_features):
         cell_key = {**key, "cell": [seed, steps]}
         path = s.cache / name / f"scores_{cell_name(cell)}.json"
         if s.args.cached_only or (s.args.cells and cell_name(cell) not in s.args.cells):  # shown if scored before
-            if path.is_file() and json.loads(path.read_text())["key"] == cell_key:
-                s.results["scores"][name][cell_name(cell)] = json.loads(path.read_text())["result"]
+            found = cached_record(path, cell_key)
+            if found is not None:
+                s.results["scores"][name][cell_name(cell)] = found[0]
                 if cell == s.p.quality_cell:  # the figures' strips
-                    s.strips[name] = torch.load(path.with_suffix(".pt"), weights_only=True)["strips"]
+                    s.strips[name] = found[1]["strips"]
             continue
 
         def compute():
@@ -1122,7 +1143,7 @@ def reconstruct_model(s, name, models, key, inputs):
         return {**result, "eval_s": round(time.time() - t0, 1)}, figure
 
     path = s.cache / name / "reconstruction.json"
-    if s.args.cached_only and not (path.is_file() and json.loads(path.read_text())["key"] == key):
+    if s.args.cached_only and cached_record(path, key) is None:
         return
     s.results["reconstruction"][name], s.edits[name] = cached(path, key, compute)
     r = s.results["reconstruction"][name]
