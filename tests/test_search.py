@@ -75,3 +75,21 @@ def test_the_second_image_set_pairs_each_run_with_the_control_of_its_seed():
     assert diagnose.build_parser().parse_args(["images", "--runs", "ours"]).image_seed == 13
     with pytest.raises(SystemExit):
         diagnose.build_parser().parse_args(["images", "--image-seed", "11"])  # the tables' own draw
+
+
+def test_the_second_image_set_is_scored_once_and_then_read_from_the_cache(tmp_path, monkeypatch):
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ours" / "smooth_lora.safetensors").write_bytes(b"a LoRA")
+    calls = []
+
+    def score(models, inputs, p):
+        calls.append(len(inputs[0]))
+        return {"ddim": {"psnr": 20.0}, "edit": {"success": 0.5}}, {}
+
+    monkeypatch.setattr(tables, "load", lambda *a: None)
+    monkeypatch.setattr(tables, "score_reconstruction", score)
+    first = diagnose.second_image_set(tmp_path, ["ours"], 13)
+    again = diagnose.second_image_set(tmp_path, ["ours"], 13)
+    assert calls == [tables.Protocol().recon_images + 1] and again == first  # the figure's image + 32
+    diagnose.second_image_set(tmp_path, ["ours"], 14)  # another draw: computed
+    assert len(calls) == 2

@@ -134,6 +134,7 @@ def second_image_set(cache, runs, image_seed):
         key = {"lora": tables.sha256(lora_path), "image_seed": image_seed, "protocol": {
             k: getattr(p, k) for k in ("recon_images", "step_counts", "inversion_step_counts", "guidance",
                                        "nti_inner_steps", "edit_r")}}
+        key = json.loads(json.dumps(key))  # as the cache stores it (tuples become lists), so that it matches
 
         def compute():
             t0 = time.time()
